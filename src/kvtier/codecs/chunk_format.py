@@ -1,0 +1,118 @@
+"""The stored chunk format (version 1): a fixed 128-byte header followed by the raw KV payload.
+
+Every tier that stores bytes outside process memory (disk, Redis, S3, the server's wire) uses this format, so
+a chunk read back is checked the same way everywhere: magic, format version, header checksum, the full key
+(namespace digest + chunk hash: a file renamed or swapped under another key is rejected), the layout, the
+payload size (truncation) and a CRC-32 of the payload. See ``docs/chunk_format.md``.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+from kvtier.errors import CorruptChunkError, TruncatedChunkError
+from kvtier.memory.layout import DTYPES_BY_CODE, DTYPES_BY_NAME, KVLayout
+from kvtier.tokens.keys import KEY_ID_SIZE
+
+MAGIC = b"KVTC"
+FORMAT_VERSION = 1
+HEADER_SIZE = 128
+CODEC_RAW = 0
+
+# magic, version, header size, codec, dtype code, kv size, reserved, layers, kv heads, head dim, tokens,
+# payload size, payload crc32, key id (namespace digest + chunk hash); then padding; header crc32 is last.
+_BODY = struct.Struct("<4sHHBBBxIIIIQI48s")
+_PAD = HEADER_SIZE - _BODY.size - 4
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkHeader:
+    """The decoded header of a stored chunk."""
+
+    key_id: bytes
+    layout: KVLayout
+    num_tokens: int
+    payload_size: int
+    payload_crc32: int
+    codec: int = CODEC_RAW
+
+    def encode(self) -> bytes:
+        body = _BODY.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            HEADER_SIZE,
+            self.codec,
+            DTYPES_BY_NAME[self.layout.dtype].code,
+            self.layout.kv_size,
+            self.layout.num_layers,
+            self.layout.num_kv_heads,
+            self.layout.head_dim,
+            self.num_tokens,
+            self.payload_size,
+            self.payload_crc32,
+            self.key_id,
+        ) + bytes(_PAD)
+        return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+def payload_crc32(payload: memoryview | bytes) -> int:
+    return zlib.crc32(payload)
+
+
+def make_header(key_id: bytes, layout: KVLayout, num_tokens: int, payload: memoryview | bytes) -> bytes:
+    """Encode the header for ``payload`` (the raw chunk bytes) stored under ``key_id``."""
+    if len(key_id) != KEY_ID_SIZE:
+        raise ValueError("key id has the wrong size")
+    return ChunkHeader(key_id, layout, num_tokens, len(payload), payload_crc32(payload)).encode()
+
+
+def decode_header(raw: bytes | memoryview, expected_key_id: bytes | None = None) -> ChunkHeader:
+    """Parse and verify a header; raise CorruptChunkError (or TruncatedChunkError) if anything is off."""
+    if len(raw) < HEADER_SIZE:
+        raise TruncatedChunkError(f"header truncated: {len(raw)} of {HEADER_SIZE} bytes")
+    raw = bytes(raw[:HEADER_SIZE])
+    if raw[:4] != MAGIC:
+        raise CorruptChunkError("bad magic: not a kvtier chunk")
+    if zlib.crc32(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+        raise CorruptChunkError("header checksum mismatch")
+    (
+        _,
+        version,
+        header_size,
+        codec,
+        dtype_code,
+        kv_size,
+        layers,
+        heads,
+        head_dim,
+        tokens,
+        payload_size,
+        crc,
+        key_id,
+    ) = _BODY.unpack_from(raw)
+    if version != FORMAT_VERSION or header_size != HEADER_SIZE:
+        raise CorruptChunkError(f"unsupported chunk format version {version} (this build reads {FORMAT_VERSION})")
+    if codec != CODEC_RAW:
+        raise CorruptChunkError(f"unknown chunk codec {codec}")
+    if expected_key_id is not None and key_id != expected_key_id:
+        raise CorruptChunkError("chunk is stored under another key")
+    dtype = DTYPES_BY_CODE.get(dtype_code)
+    if dtype is None:
+        raise CorruptChunkError(f"unknown dtype code {dtype_code}")
+    try:
+        layout = KVLayout(layers, heads, head_dim, dtype.name, kv_size)
+    except ValueError as exc:
+        raise CorruptChunkError(f"bad layout in header: {exc}") from None
+    if layout.chunk_bytes(tokens) != payload_size:
+        raise CorruptChunkError("payload size does not match layout and token count")
+    return ChunkHeader(key_id, layout, tokens, payload_size, crc, codec)
+
+
+def verify_payload(header: ChunkHeader, payload: memoryview | bytes) -> None:
+    """Raise if ``payload`` is shorter than the header says or fails its CRC-32."""
+    if len(payload) < header.payload_size:
+        raise TruncatedChunkError(f"payload truncated: {len(payload)} of {header.payload_size} bytes")
+    if zlib.crc32(payload[: header.payload_size]) != header.payload_crc32:
+        raise CorruptChunkError("payload checksum mismatch")

@@ -1,0 +1,239 @@
+"""The one typed configuration of kvtier, loaded in one place: defaults < YAML file < environment < CLI.
+
+Keys and environment names follow LMCache where they mean the same thing (``chunk_size``, ``local_cpu``,
+``max_local_cpu_size``, ``local_disk``, ``max_local_disk_size``, ``remote_url``, ``cache_policy``, ...;
+``LMCACHE_CONFIG_FILE``, ``LMCACHE_CHUNK_SIZE``), so an LMCache config file works unchanged. ``KVTIER_*``
+variables win over ``LMCACHE_*`` ones. Unknown keys and bad values raise :class:`ConfigError` naming the key.
+Sizes are in GiB (2**30 bytes), as LMCache's are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kvtier.errors import ConfigError
+from kvtier.storage.eviction import EVICTION_POLICIES, make_policy
+
+GiB = 2**30
+CONFIG_FILE_VARIABLES = ("KVTIER_CONFIG_FILE", "LMCACHE_CONFIG_FILE")
+ENV_PREFIXES = ("KVTIER_", "LMCACHE_")  # later wins over earlier: KVTIER_ is applied last
+
+# LMCache options kvtier deliberately does not take (yet): named so the error says so, not "unknown key".
+LMCACHE_ONLY_KEYS = frozenset(
+    {
+        "use_layerwise",
+        "enable_blending",
+        "blend_recompute_ratios",
+        "blend_check_layers",
+        "blend_special_str",
+        "enable_p2p",
+        "enable_pd",
+        "enable_controller",
+        "pd_role",
+        "remote_serde",
+        "gds_path",
+        "nixl_backends",
+        "local_cpu_use_hugepages",
+        "numa_mode",
+        "enable_async_loading",
+        "internal_api_server_enabled",
+    }
+)
+
+
+def default_disk_path() -> str:
+    """``$XDG_CACHE_HOME/kvtier/disk`` (``~/.cache/kvtier/disk``): where the embedded server keeps chunks."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "kvtier" / "disk")
+
+
+@dataclass(frozen=True)
+class KVTierConfig:
+    """Every setting of a kvtier engine. Build it with :func:`load_config`, not directly."""
+
+    chunk_size: int = 256
+    """Tokens per chunk (>= 1). Must match between processes that share a cache."""
+    save_unfull_chunk: bool = False
+    """Also store a prompt's trailing partial chunk (found again only for exactly the same prompt)."""
+    local_cpu: bool = True
+    """Keep chunks in host memory (L1). If false, memory only stages chunks for slower tiers."""
+    max_local_cpu_size: float = 5.0
+    """Host memory budget in GiB (also the staging budget when ``local_cpu`` is false)."""
+    cache_policy: str = "LRU"
+    """Eviction policy of the memory and disk tiers: LRU, LFU, FIFO or S3FIFO."""
+    local_disk: str | None = None
+    """Directory of the disk tier (a path or ``file://`` URL); None disables it."""
+    max_local_disk_size: float = 0.0
+    """Disk tier budget in GiB; must be > 0 when ``local_disk`` is set."""
+    disk_fsync: bool = False
+    """fsync each chunk file before renaming it into place (slower; checksums already catch torn files)."""
+    remote_url: str | None = None
+    """URL of a remote tier (a scheme registered in ``kvtier.storage.registry``)."""
+    max_background_write_size: float = 1.0
+    """GiB of chunks that may wait to be written to slower tiers; beyond it writes are dropped."""
+    pin_timeout_sec: float = 300.0
+    """Seconds after which a lookup lease that was never released expires (its pins are dropped)."""
+    read_workers: int = 4
+    """Threads reading chunks from slower tiers in parallel."""
+    log_level: str = "INFO"
+    """Logging level of the ``kvtier`` logger."""
+    extra_config: dict[str, Any] = field(default_factory=dict)
+    """Free-form options (LMCache's ``extra_config``), kept for the integrations that read them."""
+
+    def __post_init__(self) -> None:
+        self._check_positive("chunk_size", self.chunk_size)
+        self._check_positive("read_workers", self.read_workers)
+        for name in ("max_local_cpu_size", "max_local_disk_size", "max_background_write_size", "pin_timeout_sec"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.max_local_cpu_size <= 0:
+            raise ConfigError("max_local_cpu_size must be > 0 (memory also stages chunks for other tiers)")
+        try:
+            make_policy(self.cache_policy)
+        except ValueError as exc:
+            raise ConfigError(f"cache_policy: {exc}") from None
+        if self.local_disk is not None:
+            object.__setattr__(self, "local_disk", self.local_disk.removeprefix("file://") or None)
+            if self.max_local_disk_size <= 0:
+                raise ConfigError("max_local_disk_size must be > 0 when local_disk is set")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"log_level: unknown level {self.log_level!r}")
+
+    @staticmethod
+    def _check_positive(name: str, value: int) -> None:
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value!r}")
+
+    @property
+    def local_cpu_bytes(self) -> int:
+        return int(self.max_local_cpu_size * GiB)
+
+    @property
+    def local_disk_bytes(self) -> int:
+        return int(self.max_local_disk_size * GiB)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(KVTierConfig)}
+_HINTS = typing.get_type_hints(KVTierConfig)
+
+
+def load_config(
+    config_file: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> KVTierConfig:
+    """Build the configuration: defaults < YAML (``config_file`` or ``$KVTIER_CONFIG_FILE`` /
+    ``$LMCACHE_CONFIG_FILE``) < ``LMCACHE_<KEY>`` < ``KVTIER_<KEY>`` < ``overrides`` (CLI flags; None values
+    are ignored)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_file or next((env[v] for v in CONFIG_FILE_VARIABLES if env.get(v)), None)
+    if path:
+        values.update(_read_yaml(Path(path)))
+    values.update(_from_env(env))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[_check_key(key, "command line")] = _coerce(key, value)
+    try:
+        return KVTierConfig(**values)
+    except TypeError as exc:  # should not happen: keys were checked
+        raise ConfigError(str(exc)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return {_check_key(k, str(path)): _coerce(k, v) for k, v in data.items()}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for prefix in ENV_PREFIXES[::-1]:  # LMCACHE_ first, then KVTIER_ overrides it
+        for name, raw in env.items():
+            if not name.startswith(prefix) or name in CONFIG_FILE_VARIABLES:
+                continue
+            key = name[len(prefix) :].lower()
+            if key in FIELDS:
+                values[key] = _coerce(key, raw, source=name)
+            elif prefix == "KVTIER_":
+                # LMCACHE_* holds many non-config variables (telemetry, logging); ours must be exact.
+                raise ConfigError(f"unknown environment variable {name}: no configuration key {key!r}")
+    return values
+
+
+def _check_key(key: Any, source: str) -> str:
+    if not isinstance(key, str) or key not in FIELDS:
+        if key in LMCACHE_ONLY_KEYS:
+            raise ConfigError(f"{source}: LMCache option {key!r} is not supported by kvtier")
+        raise ConfigError(f"{source}: unknown configuration key {key!r}")
+    return key
+
+
+def _coerce(key: str, value: Any, source: str | None = None) -> Any:
+    """Convert ``value`` (a YAML value or an environment string) to the field's type."""
+    hint = _HINTS[key]
+    where = source or key
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: a value is required")
+    origin = typing.get_origin(base) or base
+    try:
+        if origin is bool:
+            return _to_bool(value)
+        if origin is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("not an integer")
+            return int(value)
+        if origin is float:
+            if isinstance(value, bool):
+                raise ValueError("not a number")
+            return float(value)
+        if origin is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError("not a string")
+            return str(value)
+        if origin is dict:
+            parsed = yaml.safe_load(value) if isinstance(value, str) else value
+            if not isinstance(parsed, dict):
+                raise ValueError("not a mapping")
+            return parsed
+    except (ValueError, TypeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{where}: invalid value {value!r} for {key} ({exc})") from None
+    raise ConfigError(f"{where}: unsupported type for {key}")
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("not a boolean")
+
+
+__all__ = ["EVICTION_POLICIES", "GiB", "KVTierConfig", "default_disk_path", "load_config"]

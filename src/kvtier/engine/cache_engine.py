@@ -1,0 +1,313 @@
+"""The cache engine: store a prompt's KV, look up and retrieve the longest cached prefix.
+
+One engine serves one model / KV layout / parallel rank; tenants are separated by ``cache_salt``. Every call is
+thread-safe. A store copies the prompt's new chunks into pool memory, publishes them to the memory tier and
+queues them for slower tiers; a retrieve locates the longest prefix across tiers, reads it (promoting chunks
+from slower tiers) and copies it out. See ``docs/architecture.md`` for a walk through both.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from kvtier.config import KVTierConfig
+from kvtier.engine.leases import Lease, LeaseTable
+from kvtier.engine.results import LookupResult, RetrieveResult, StoreResult
+from kvtier.engine.transfer import ArrayKV, as_destination, as_source
+from kvtier.errors import LayoutError
+from kvtier.memory.layout import KVLayout
+from kvtier.memory.memory_obj import MemoryObj
+from kvtier.metrics import CacheMetrics
+from kvtier.storage.registry import build_storage
+from kvtier.tokens.chunking import Chunk, Chunker
+from kvtier.tokens.keys import CacheKey, Namespace
+
+log = logging.getLogger("kvtier")
+
+
+class CacheEngine:
+    """Store, look up and retrieve KV by token prefix, across the configured tiers."""
+
+    def __init__(
+        self,
+        config: KVTierConfig,
+        layout: KVLayout,
+        *,
+        model_name: str,
+        world_size: int = 1,
+        rank: int = 0,
+        metrics: CacheMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.layout = layout
+        self.metrics = metrics or CacheMetrics()
+        self.chunker = Chunker(config.chunk_size, config.save_unfull_chunk)
+        self._base_namespace = Namespace(model_name, layout.descriptor(), world_size, rank)
+        self._namespaces: dict[str, Namespace] = {"": self._base_namespace}
+        self.storage = build_storage(config, self.metrics)
+        self.leases = LeaseTable(config.pin_timeout_sec, self.storage.unpin)
+        self.metrics.active_leases.add_source(lambda: {(): len(self.leases)})
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kvtier-prefetch")
+        logging.getLogger("kvtier").setLevel(config.log_level.upper())
+
+    # -- keys ---------------------------------------------------------------------------------------
+    def namespace(self, cache_salt: str = "") -> Namespace:
+        ns = self._namespaces.get(cache_salt)
+        if ns is None:
+            base = self._base_namespace
+            ns = Namespace(base.model_name, base.layout, base.world_size, base.rank, cache_salt)
+            self._namespaces[cache_salt] = ns
+        return ns
+
+    def chunk_keys(self, tokens: Any, cache_salt: str = "") -> tuple[list[Chunk], list[CacheKey]]:
+        chunks = self.chunker.chunks(tokens)
+        ns = self.namespace(cache_salt)
+        return chunks, [ns.key(c.hash) for c in chunks]
+
+    # -- lookup -------------------------------------------------------------------------------------
+    def lookup(self, tokens: Any, *, cache_salt: str = "", pin: bool = False) -> LookupResult:
+        """Length of the longest cached prefix of ``tokens``; does not modify the cache.
+
+        With ``pin=True`` the prefix's chunks are pinned under a :class:`Lease` (in the result) until
+        :meth:`release` or ``pin_timeout_sec``, so a following retrieve finds them.
+        """
+        started = time.perf_counter()
+        self.leases.expire()
+        num_tokens = _token_count(tokens)
+        chunks, keys = self.chunk_keys(tokens, cache_salt)
+        sources = self.storage.locate(keys)
+        hit = chunks[len(sources) - 1].end if sources else 0
+        lease = None
+        if pin and sources:
+            lease = self.leases.grant(self.storage.pin(keys[: len(sources)], sources), hit)
+        self.storage.touch(keys[: len(sources)])
+        m = self.metrics
+        m.lookups.inc()
+        m.lookup_tokens.inc(num_tokens)
+        m.lookup_hit_tokens.inc(hit)
+        m.lookup_seconds.observe(time.perf_counter() - started)
+        tiers = Counter[str]()
+        for chunk, tier in zip(chunks, sources, strict=False):
+            tiers[tier.name] += chunk.num_tokens
+        return LookupResult(hit, num_tokens, dict(tiers), lease)
+
+    def release(self, lease: Lease | int) -> bool:
+        """Release a lookup lease's pins; False if it was already released or had expired."""
+        return self.leases.release(lease)
+
+    # -- store --------------------------------------------------------------------------------------
+    def store(self, tokens: Any, kv: Any, *, mask: Any = None, cache_salt: str = "") -> StoreResult:
+        """Store the KV of ``tokens``; chunks already cached are skipped (cheap dedup).
+
+        ``kv`` covers tokens ``[0, len(tokens))``: a ``(layers, kv, tokens, heads, head_dim)`` numpy array or
+        torch tensor, or a :class:`~kvtier.engine.transfer.KVSource`. ``mask`` (False...False True...True)
+        marks a leading part to skip; its False count must be a multiple of ``chunk_size``. When memory is
+        short only a prefix is stored (the rest is reported as dropped).
+        """
+        started = time.perf_counter()
+        self.leases.expire()
+        num_tokens = _token_count(tokens)
+        skip = self._leading_skip(mask, num_tokens)
+        source = as_source(kv, self.layout)
+        _check_covers(source, num_tokens, "kv")
+        chunks, keys = self.chunk_keys(tokens, cache_salt)
+        todo = [(c, k) for c, k in zip(chunks, keys, strict=True) if c.start >= skip]
+        present = [self.storage.contains_any(k) for _, k in todo]
+        # Pin what is already cached so making room for the new chunks cannot punch a hole in this prefix.
+        held = (
+            self.storage.memory.pin([k for (_, k), p in zip(todo, present, strict=True) if p])
+            if self.storage.memory is not None
+            else []
+        )
+        new = [(c, k) for (c, k), p in zip(todo, present, strict=True) if not p]
+        objs = self._allocate([c for c, _ in new])
+        try:
+            for (chunk, _), obj in zip(new, objs, strict=False):
+                source.read_into(obj, chunk.start, chunk.end)
+            self.storage.write([k for _, k in new[: len(objs)]], objs)
+        finally:
+            for obj in objs:
+                obj.unref()
+            if self.storage.memory is not None:
+                self.storage.memory.unpin(held)
+        stored = sum(c.num_tokens for c, _ in new[: len(objs)])
+        dropped = sum(c.num_tokens for c, _ in new[len(objs) :])
+        result = StoreResult(stored, num_tokens - stored - dropped, dropped, time.perf_counter() - started)
+        self._record_store(result, len(objs))
+        return result
+
+    def _allocate(self, chunks: Sequence[Chunk]) -> list[MemoryObj]:
+        objs: list[MemoryObj] = []
+        for chunk in chunks:
+            obj = self.storage.allocate(self.layout, chunk.num_tokens)
+            if obj is None:
+                break
+            objs.append(obj)
+        return objs
+
+    def _record_store(self, result: StoreResult, num_chunks: int) -> None:
+        m = self.metrics
+        m.stores.inc()
+        m.stored_tokens.inc(result.stored_tokens)
+        m.store_skipped_tokens.inc(result.skipped_tokens)
+        m.store_dropped_tokens.inc(result.dropped_tokens)
+        m.store_seconds.observe(result.seconds)
+        nbytes = self.layout.chunk_bytes(result.stored_tokens)
+        if self.storage.memory is not None:
+            m.write_bytes.inc(nbytes, tier="memory")
+        log.info(
+            "Stored %d tokens (%d chunks, %.1f MiB) in %.2f ms (%s); %d already cached or skipped%s",
+            result.stored_tokens,
+            num_chunks,
+            nbytes / 2**20,
+            result.seconds * 1e3,
+            _rate(nbytes, result.seconds),
+            result.skipped_tokens,
+            f", {result.dropped_tokens} dropped: memory full" if result.dropped_tokens else "",
+        )
+
+    # -- retrieve -----------------------------------------------------------------------------------
+    def retrieve(self, tokens: Any, out: Any = None, *, mask: Any = None, cache_salt: str = "") -> RetrieveResult:
+        """Copy the KV of the longest cached prefix of ``tokens`` into ``out`` (or a new numpy array).
+
+        ``out`` is a ``(layers, kv, n, heads, head_dim)`` array/tensor or a
+        :class:`~kvtier.engine.transfer.KVDestination`; only chunks that fit in its ``n`` tokens are loaded.
+        ``mask`` skips a leading part the caller already has, as in :meth:`store`.
+        """
+        started = time.perf_counter()
+        self.leases.expire()
+        num_tokens = _token_count(tokens)
+        skip = self._leading_skip(mask, num_tokens)
+        chunks, keys = self.chunk_keys(tokens, cache_salt)
+        dest = as_destination(out, self.layout) if out is not None else None
+        limit = getattr(dest, "num_tokens", num_tokens)
+        wanted = [(c, k) for c, k in zip(chunks, keys, strict=True) if c.start >= skip and c.end <= limit]
+        sources = self.storage.locate([k for _, k in wanted])
+        read = self.storage.read([k for _, k in wanted[: len(sources)]], sources)
+        loaded = [c for c, _ in wanted[: len(read.objs)]]
+        try:
+            if dest is None:
+                shape = self.layout.chunk_shape(loaded[-1].end if loaded else 0)
+                dest = ArrayKV(np.zeros(shape, self.layout.element.numpy_name), self.layout)
+            for chunk, obj in zip(loaded, read.objs, strict=True):
+                dest.write_from(obj, chunk.start, chunk.end)
+            dest.synchronize()
+        finally:
+            for obj in read.objs:
+                obj.unref()
+        tiers = Counter[str]()
+        for chunk, name in zip(loaded, read.tiers, strict=True):
+            tiers[name] += chunk.num_tokens
+        loaded_tokens = sum(tiers.values())
+        hit = skip + loaded_tokens if loaded_tokens else 0
+        result = RetrieveResult(
+            hit,
+            loaded_tokens,
+            num_tokens,
+            getattr(dest, "array", getattr(dest, "tensor", dest)),
+            dict(tiers),
+            time.perf_counter() - started,
+        )
+        self._record_retrieve(result)
+        return result
+
+    def _record_retrieve(self, result: RetrieveResult) -> None:
+        m = self.metrics
+        m.retrieves.inc()
+        m.retrieve_tokens.inc(result.total_tokens)
+        for tier, n in result.tier_tokens.items():
+            m.hit_tokens.inc(n, tier=tier)
+        memory_tokens = result.tier_tokens.get("memory", 0)
+        if memory_tokens:
+            m.read_bytes.inc(self.layout.chunk_bytes(memory_tokens), tier="memory")
+        m.retrieve_seconds.observe(result.seconds)
+        nbytes = self.layout.chunk_bytes(result.loaded_tokens)
+        where = ", ".join(f"{n} from {t}" for t, n in result.tier_tokens.items()) or "miss"
+        log.info(
+            "Retrieved %d of %d tokens (%s) in %.2f ms (%s)",
+            result.loaded_tokens,
+            result.total_tokens,
+            where,
+            result.seconds * 1e3,
+            _rate(nbytes, result.seconds),
+        )
+
+    # -- prefetch and lifetime ----------------------------------------------------------------------
+    def prefetch(self, tokens: Any, *, cache_salt: str = "") -> Future[int]:
+        """Load the cached prefix of ``tokens`` from slower tiers into memory in the background.
+
+        The future gives the prefix length now in memory or in a tier the next retrieve will read.
+        """
+        chunks, keys = self.chunk_keys(tokens, cache_salt)
+        return self._prefetcher.submit(self._prefetch, chunks, keys)
+
+    def _prefetch(self, chunks: list[Chunk], keys: list[CacheKey]) -> int:
+        sources = self.storage.locate(keys)
+        slow = [i for i, t in enumerate(sources) if t is not self.storage.memory]
+        if not slow or self.storage.memory is None:
+            return chunks[len(sources) - 1].end if sources else 0
+        read = self.storage.read(keys[: len(sources)], sources)
+        for obj in read.objs:
+            obj.unref()
+        return chunks[len(read.objs) - 1].end if read.objs else 0
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until background writes to slower tiers are done; False on timeout."""
+        return self.storage.flush(timeout)
+
+    def delete(self, tokens: Any, *, cache_salt: str = "") -> int:
+        """Remove the chunks of ``tokens`` from every tier; return how many were present."""
+        _, keys = self.chunk_keys(tokens, cache_salt)
+        self.flush(10.0)
+        return sum(self.storage.delete(k) for k in keys)
+
+    def clear(self) -> int:
+        """Remove every chunk from every tier (leases stay, their pins now hold nothing)."""
+        return self.storage.clear()
+
+    def close(self) -> None:
+        """Finish or discard background work, release leases and tiers. Disk contents persist."""
+        self._prefetcher.shutdown(wait=True)
+        self.leases.release_all()
+        self.storage.close()
+
+    def __enter__(self) -> CacheEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _leading_skip(self, mask: Any, num_tokens: int) -> int:
+        if mask is None:
+            return 0
+        flags = np.asarray(mask.detach().cpu().numpy() if hasattr(mask, "detach") else mask, dtype=bool)
+        if flags.shape != (num_tokens,):
+            raise ValueError(f"mask must have one entry per token ({num_tokens}), got shape {flags.shape}")
+        skip = int(np.argmax(flags)) if flags.any() else num_tokens
+        if not flags[skip:].all():
+            raise ValueError("mask must be False...False then True...True")
+        if skip % self.config.chunk_size and skip != num_tokens:
+            raise ValueError(f"mask skips {skip} tokens, not a multiple of chunk_size {self.config.chunk_size}")
+        return skip
+
+
+def _token_count(tokens: Any) -> int:
+    return int(tokens.shape[0]) if hasattr(tokens, "shape") else len(tokens)
+
+
+def _check_covers(source: Any, num_tokens: int, what: str) -> None:
+    have = getattr(source, "num_tokens", None)
+    if have is not None and have < num_tokens:
+        raise LayoutError(f"{what} holds {have} tokens, fewer than the {num_tokens} tokens given")
+
+
+def _rate(nbytes: int, seconds: float) -> str:
+    return f"{nbytes / seconds / 1e9:.2f} GB/s" if seconds > 0 and nbytes else "-"

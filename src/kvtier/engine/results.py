@@ -1,0 +1,45 @@
+"""What the cache engine's calls return: small typed results, never bare tuples or sentinels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvtier.engine.leases import Lease
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    """``hit_tokens``: length of the longest cached prefix; ``tier_tokens``: how many of them each tier holds."""
+
+    hit_tokens: int
+    total_tokens: int
+    tier_tokens: dict[str, int] = field(default_factory=dict)
+    lease: Lease | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    """``stored_tokens`` were newly written; ``skipped_tokens`` were already cached or masked out;
+    ``dropped_tokens`` could not be stored for lack of memory (always a tail of the prompt)."""
+
+    stored_tokens: int
+    skipped_tokens: int
+    dropped_tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class RetrieveResult:
+    """The KV of the longest cached prefix.
+
+    ``hit_tokens`` is the prefix length (including chunks skipped by the mask); ``loaded_tokens`` were
+    copied out; ``kv`` is the destination (a new array when none was given) holding the loaded tokens.
+    """
+
+    hit_tokens: int
+    loaded_tokens: int
+    total_tokens: int
+    kv: Any
+    tier_tokens: dict[str, int]
+    seconds: float

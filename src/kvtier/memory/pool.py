@@ -1,0 +1,101 @@
+"""The host memory pool: one arena mapping plus an allocator, handing out reference-counted chunks.
+
+The arena is reserved up front with ``mmap`` but pages only become resident when first written, so a large
+budget costs nothing at start-up, and freed ranges stay resident for the next chunk (no page faults on the
+store path). The arena may be backed by a file (e.g. in ``/dev/shm``) so another process can map the same
+bytes: that is what the server's shared-memory transport builds on; registering it with CUDA as pinned
+memory fits the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import threading
+
+import numpy as np
+
+from kvtier.memory.allocator import ArenaAllocator
+from kvtier.memory.layout import KVLayout
+from kvtier.memory.memory_obj import MemoryObj
+
+
+class MemoryPool:
+    """A byte-budgeted pool of chunk buffers. Thread-safe."""
+
+    def __init__(self, capacity_bytes: int, *, backing_file: str | None = None, alignment: int = 4096):
+        self.allocator = ArenaAllocator(capacity_bytes, alignment)
+        self.capacity_bytes = self.allocator.capacity
+        self.backing_file = backing_file
+        self._lock = threading.Lock()
+        self._mmap = self._map(self.capacity_bytes, backing_file)
+        self._array = np.frombuffer(self._mmap, dtype=np.uint8) if self.capacity_bytes else np.empty(0, np.uint8)
+        self.live_objects = 0
+
+    @staticmethod
+    def _map(size: int, backing_file: str | None) -> mmap.mmap:
+        length = max(size, mmap.PAGESIZE)
+        if backing_file is None:
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+            return mmap.mmap(-1, length, flags=flags)
+        fd = os.open(backing_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, length)
+            return mmap.mmap(fd, length, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+
+    def view(self, offset: int, nbytes: int) -> np.ndarray:
+        return self._array[offset : offset + nbytes]
+
+    def allocate(self, layout: KVLayout, num_tokens: int) -> MemoryObj | None:
+        """A new object with one reference held by the caller, or None when no free range fits."""
+        nbytes = layout.chunk_bytes(num_tokens)
+        with self._lock:
+            offset = self.allocator.allocate(nbytes)
+            if offset is None:
+                return None
+            self.live_objects += 1
+        return MemoryObj(self, offset, layout, num_tokens)
+
+    def ref(self, obj: MemoryObj) -> None:
+        with self._lock:
+            if obj.refcount <= 0:
+                raise RuntimeError(f"ref of a freed {obj!r}")
+            obj.refcount += 1
+
+    def unref(self, obj: MemoryObj) -> None:
+        with self._lock:
+            if obj.refcount <= 0:
+                raise RuntimeError(f"unref of a freed {obj!r}")
+            obj.refcount -= 1
+            if obj.refcount == 0:
+                self.allocator.free(obj.offset)
+                self.live_objects -= 1
+
+    @property
+    def used_bytes(self) -> int:
+        return self.allocator.used_bytes
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` could ever be allocated (ignoring what is in use now)."""
+        return self.allocator.round_up(nbytes) <= self.capacity_bytes
+
+    def release_free_pages(self) -> None:
+        """Hand resident pages of wholly free ranges back to the OS (after a clear)."""
+        if self.backing_file is not None or not hasattr(self._mmap, "madvise"):
+            return
+        with self._lock:
+            page = mmap.PAGESIZE
+            for start, size in self.allocator.free_ranges():
+                first = -(-start // page) * page
+                last = (start + size) // page * page
+                if last > first:
+                    self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def close(self) -> None:
+        self._array = np.empty(0, np.uint8)
+        # A caller may still hold a view; the mapping then goes away with the last view.
+        with contextlib.suppress(BufferError):
+            self._mmap.close()

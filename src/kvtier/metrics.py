@@ -1,0 +1,233 @@
+"""Metrics, defined once: counters, gauges and histograms with labels, rendered as Prometheus text.
+
+The core depends on nothing for this: the server serves ``render()`` on ``/metrics`` and ``snapshot()`` on
+``/status``. Every metric a user needs to debug a cache is declared in :class:`CacheMetrics`; names follow
+Prometheus conventions (``_total`` counters, ``_seconds`` / ``_bytes`` units).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections.abc import Callable, Iterable
+
+LabelValues = tuple[str, ...]
+
+LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _Metric:
+    kind = ""
+
+    def __init__(self, name: str, help_text: str, labels: Iterable[str] = ()) -> None:
+        self.name = name
+        self.help = help_text
+        self.labels = tuple(labels)
+        self._lock = threading.Lock()
+
+    def _key(self, labels: dict[str, str]) -> LabelValues:
+        if set(labels) != set(self.labels):
+            raise ValueError(f"{self.name} takes labels {self.labels}, got {tuple(labels)}")
+        return tuple(str(labels[name]) for name in self.labels)
+
+    def _fmt_labels(self, values: LabelValues, extra: str = "") -> str:
+        parts = [f'{n}="{_escape(v)}"' for n, v in zip(self.labels, values, strict=True)]
+        if extra:
+            parts.append(extra)
+        return "{" + ",".join(parts) + "}" if parts else ""
+
+    def samples(self) -> list[str]:
+        raise NotImplementedError
+
+
+class Counter(_Metric):
+    kind = "counter"
+
+    def __init__(self, name: str, help_text: str, labels: Iterable[str] = ()) -> None:
+        super().__init__(name, help_text, labels)
+        self._values: dict[LabelValues, float] = {}
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        if amount < 0:
+            raise ValueError("counters only go up")
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def value(self, **labels: str) -> float:
+        return self._values.get(self._key(labels), 0.0)
+
+    def total(self) -> float:
+        return sum(self._values.values())
+
+    def samples(self) -> list[str]:
+        with self._lock:
+            items = sorted(self._values.items())
+        if not items and not self.labels:
+            items = [((), 0.0)]
+        return [f"{self.name}{self._fmt_labels(k)} {_num(v)}" for k, v in items]
+
+
+class Gauge(_Metric):
+    """A gauge whose values are read from a callback when collected (capacity, usage, queue depth)."""
+
+    kind = "gauge"
+
+    def __init__(self, name: str, help_text: str, labels: Iterable[str] = ()) -> None:
+        super().__init__(name, help_text, labels)
+        self._sources: list[Callable[[], dict[LabelValues, float]]] = []
+
+    def add_source(self, source: Callable[[], dict[LabelValues, float]]) -> None:
+        self._sources.append(source)
+
+    def values(self) -> dict[LabelValues, float]:
+        merged: dict[LabelValues, float] = {}
+        for source in self._sources:
+            merged.update(source())
+        return merged
+
+    def samples(self) -> list[str]:
+        items = sorted(self.values().items())
+        return [f"{self.name}{self._fmt_labels(k)} {_num(v)}" for k, v in items]
+
+
+class Histogram(_Metric):
+    kind = "histogram"
+
+    def __init__(
+        self, name: str, help_text: str, labels: Iterable[str] = (), buckets: Iterable[float] = LATENCY_BUCKETS
+    ) -> None:
+        super().__init__(name, help_text, labels)
+        self.buckets = tuple(sorted(buckets))
+        self._counts: dict[LabelValues, list[int]] = {}
+        self._sums: dict[LabelValues, float] = {}
+
+    def observe(self, value: float, **labels: str) -> None:
+        key = self._key(labels)
+        with self._lock:
+            counts = self._counts.setdefault(key, [0] * (len(self.buckets) + 1))
+            counts[bisect.bisect_left(self.buckets, value)] += 1
+            self._sums[key] = self._sums.get(key, 0.0) + value
+
+    def count(self, **labels: str) -> int:
+        return sum(self._counts.get(self._key(labels), ()))
+
+    def samples(self) -> list[str]:
+        lines = []
+        with self._lock:
+            items = sorted((k, list(v), self._sums[k]) for k, v in self._counts.items())
+        for key, counts, total in items:
+            running = 0
+            for bound, n in zip((*self.buckets, math.inf), counts, strict=True):
+                running += n
+                le = "+Inf" if bound == math.inf else _num(bound)
+                bucket_labels = self._fmt_labels(key, 'le="' + le + '"')
+                lines.append(f"{self.name}_bucket{bucket_labels} {running}")
+            lines.append(f"{self.name}_sum{self._fmt_labels(key)} {_num(total)}")
+            lines.append(f"{self.name}_count{self._fmt_labels(key)} {running}")
+        return lines
+
+
+def _num(value: float) -> str:
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Registry:
+    """An ordered set of metrics with one text rendering."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, _Metric] = {}
+
+    def register(self, metric: _Metric) -> _Metric:
+        if metric.name in self._metrics:
+            raise ValueError(f"metric {metric.name} registered twice")
+        self._metrics[metric.name] = metric
+        return metric
+
+    def render(self) -> str:
+        """Prometheus text exposition format 0.0.4."""
+        out = []
+        for m in self._metrics.values():
+            out.append(f"# HELP {m.name} {m.help}")
+            out.append(f"# TYPE {m.name} {m.kind}")
+            out.extend(m.samples())
+        return "\n".join(out) + "\n"
+
+    def snapshot(self) -> dict[str, float]:
+        """Counter and gauge totals by name (for status pages and tests)."""
+        snap: dict[str, float] = {}
+        for m in self._metrics.values():
+            if isinstance(m, Counter):
+                snap[m.name] = m.total()
+            elif isinstance(m, Gauge):
+                snap[m.name] = sum(m.values().values())
+            elif isinstance(m, Histogram):
+                snap[m.name + "_count"] = sum(sum(c) for c in m._counts.values())
+        return snap
+
+
+class CacheMetrics:
+    """Every metric of the cache engine and its tiers. One instance per engine."""
+
+    def __init__(self) -> None:
+        self.registry = r = Registry()
+        tier = ("tier",)
+        self.lookups = _c(r, "kvtier_lookup_requests_total", "Lookup calls.")
+        self.lookup_tokens = _c(r, "kvtier_lookup_tokens_total", "Tokens asked for in lookups.")
+        self.lookup_hit_tokens = _c(r, "kvtier_lookup_hit_tokens_total", "Prefix tokens found by lookups.")
+        self.retrieves = _c(r, "kvtier_retrieve_requests_total", "Retrieve calls.")
+        self.retrieve_tokens = _c(r, "kvtier_retrieve_tokens_total", "Tokens asked for in retrieves.")
+        self.hit_tokens = _c(
+            r, "kvtier_retrieve_hit_tokens_total", "Tokens retrieved, by the tier they came from.", tier
+        )
+        self.stores = _c(r, "kvtier_store_requests_total", "Store calls.")
+        self.stored_tokens = _c(r, "kvtier_stored_tokens_total", "Tokens newly stored.")
+        self.store_skipped_tokens = _c(
+            r, "kvtier_store_skipped_tokens_total", "Tokens not stored because already cached (dedup)."
+        )
+        self.store_dropped_tokens = _c(r, "kvtier_store_dropped_tokens_total", "Tokens not stored for lack of memory.")
+        self.read_bytes = _c(r, "kvtier_tier_read_bytes_total", "Bytes read from a tier.", tier)
+        self.write_bytes = _c(r, "kvtier_tier_write_bytes_total", "Bytes written to a tier.", tier)
+        self.read_seconds = _h(r, "kvtier_tier_read_seconds", "Latency of one chunk read from a tier.", tier)
+        self.write_seconds = _h(r, "kvtier_tier_write_seconds", "Latency of one chunk write to a tier.", tier)
+        self.evictions = _c(r, "kvtier_evictions_total", "Chunks evicted from a tier.", tier)
+        self.promotions = _c(r, "kvtier_promotions_total", "Chunks copied up into memory after a hit in a slower tier.")
+        self.errors = _c(
+            r,
+            "kvtier_errors_total",
+            "Errors by tier and kind (corrupt, truncated, io, write_dropped, ...).",
+            ("tier", "kind"),
+        )
+        self.lookup_seconds = _h(r, "kvtier_lookup_seconds", "Lookup latency.")
+        self.store_seconds = _h(
+            r, "kvtier_store_seconds", "Store latency (memory tier; slower tiers are written in the background)."
+        )
+        self.retrieve_seconds = _h(r, "kvtier_retrieve_seconds", "Retrieve latency.")
+        self.used_bytes = _g(r, "kvtier_tier_used_bytes", "Bytes used by a tier.", tier)
+        self.capacity_bytes = _g(r, "kvtier_tier_capacity_bytes", "Byte budget of a tier.", tier)
+        self.chunks = _g(r, "kvtier_tier_chunks", "Chunks held by a tier.", tier)
+        self.pinned_chunks = _g(r, "kvtier_pinned_chunks", "Chunks pinned by leases, per tier.", tier)
+        self.queued_write_bytes = _g(
+            r, "kvtier_background_write_queue_bytes", "Bytes waiting to be written to a slower tier.", tier
+        )
+        self.active_leases = _g(r, "kvtier_active_leases", "Lookup leases not yet released or expired.")
+
+    def render(self) -> str:
+        return self.registry.render()
+
+
+def _c(r: Registry, name: str, help_text: str, labels: Iterable[str] = ()) -> Counter:
+    return r.register(Counter(name, help_text, labels))  # type: ignore[return-value]
+
+
+def _h(r: Registry, name: str, help_text: str, labels: Iterable[str] = ()) -> Histogram:
+    return r.register(Histogram(name, help_text, labels))  # type: ignore[return-value]
+
+
+def _g(r: Registry, name: str, help_text: str, labels: Iterable[str] = ()) -> Gauge:
+    return r.register(Gauge(name, help_text, labels))  # type: ignore[return-value]

@@ -1,0 +1,110 @@
+"""The one small interface every storage tier implements.
+
+A tier stores whole chunks under :class:`~kvtier.tokens.keys.CacheKey`. Reads return a
+:class:`~kvtier.memory.MemoryObj` that the caller owns one reference to (and must ``unref``). A tier that keeps
+bytes outside process memory reads into memory obtained from the ``allocate`` callback it is given, so a
+chunk read from disk or the network lands directly where the engine will use it. Batched calls have default
+loops; a tier that can do better (one round trip for many keys) overrides them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kvtier.memory.layout import KVLayout
+from kvtier.memory.memory_obj import MemoryObj
+from kvtier.tokens.keys import CacheKey
+
+Allocate = Callable[[KVLayout, int], MemoryObj | None]
+"""Returns a new object for ``(layout, num_tokens)`` with one reference, or None when memory is short."""
+
+
+@dataclass(frozen=True, slots=True)
+class TierUsage:
+    """How full a tier is."""
+
+    used_bytes: int
+    capacity_bytes: int
+    chunks: int
+    pinned_chunks: int = 0
+
+
+class StorageTier(ABC):
+    """One storage tier: memory, local disk, Redis, S3, a kvtier server..."""
+
+    name: str = ""
+    #: True when ``contains`` is a cheap in-process check (no I/O); the tiered store relies on it.
+    is_local: bool = True
+
+    @abstractmethod
+    def contains(self, key: CacheKey) -> bool:
+        """Whether the tier holds ``key`` now (a later ``get`` may still miss)."""
+
+    def contains_many(self, keys: Sequence[CacheKey]) -> list[bool]:
+        return [self.contains(k) for k in keys]
+
+    @abstractmethod
+    def get(self, key: CacheKey, allocate: Allocate) -> MemoryObj | None:
+        """The chunk, verified, with one reference owned by the caller; None on a miss or a bad chunk."""
+
+    @abstractmethod
+    def put(self, key: CacheKey, obj: MemoryObj) -> bool:
+        """Store ``obj`` under ``key``; False if it was already present or could not be stored.
+
+        The tier takes its own reference if it keeps ``obj``; the caller's reference is untouched.
+        """
+
+    def put_many(self, keys: Sequence[CacheKey], objs: Sequence[MemoryObj]) -> int:
+        """Store a prompt's chunks (in prompt order); return how many were newly stored."""
+        return sum(self.put(k, o) for k, o in zip(keys, objs, strict=True))
+
+    @abstractmethod
+    def delete(self, key: CacheKey) -> bool:
+        """Remove ``key``; True if it was present."""
+
+    @abstractmethod
+    def clear(self) -> int:
+        """Remove every chunk; return how many were removed."""
+
+    @abstractmethod
+    def usage(self) -> TierUsage: ...
+
+    def pin(self, keys: Sequence[CacheKey]) -> list[CacheKey]:
+        """Protect ``keys`` from eviction; return those actually pinned (present here)."""
+        return []
+
+    def unpin(self, keys: Sequence[CacheKey]) -> None:
+        """Release pins taken by :meth:`pin` (one level per key)."""
+
+    def touch_prefix(self, keys: Sequence[CacheKey]) -> None:
+        """Record a hit on a prompt's chunks (tail first, so the head stays longest)."""
+
+    def close(self) -> None:
+        """Release resources; pending work is finished or safely discarded."""
+
+
+class PinTable:
+    """Per-key pin counts for tiers that support pinning. Not thread-safe: the tier's lock guards it."""
+
+    def __init__(self) -> None:
+        self._counts: dict[object, int] = {}
+
+    def pin(self, key: object) -> None:
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def unpin(self, key: object) -> None:
+        count = self._counts.get(key, 0)
+        if count <= 0:
+            raise RuntimeError(f"unpin of a key that is not pinned: {key!r}")
+        if count == 1:
+            del self._counts[key]
+        else:
+            self._counts[key] = count - 1
+
+    def is_pinned(self, key: object) -> bool:
+        return key in self._counts
+
+    def __len__(self) -> int:
+        return len(self._counts)

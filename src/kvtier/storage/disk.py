@@ -1,0 +1,255 @@
+"""L2: one file per chunk on local disk, size-budgeted, surviving restarts.
+
+Layout: ``<root>/<namespace digest>/<first 2 hex of hash>/<chunk hash>.kvt``; each file is the versioned,
+checksummed chunk format (``kvtier.codecs.chunk_format``). Writes go to a temporary name and are renamed into
+place, so a crash mid-write never leaves a chunk under its final name; a torn or corrupted file (power loss,
+bit rot, a hand edit) fails its checksum on read and becomes a miss that is counted and removed. On start the
+index is rebuilt from the file names (oldest modification first), without reading any data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvtier.codecs.chunk_format import HEADER_SIZE, decode_header, make_header, verify_payload
+from kvtier.errors import CorruptChunkError, TruncatedChunkError
+from kvtier.memory.memory_obj import MemoryObj
+from kvtier.metrics import CacheMetrics
+from kvtier.storage.base import Allocate, PinTable, StorageTier, TierUsage
+from kvtier.storage.eviction import EvictionPolicy
+from kvtier.tokens.keys import NAMESPACE_DIGEST_SIZE, CacheKey, key_id_from_str
+
+log = logging.getLogger(__name__)
+SUFFIX = ".kvt"
+TMP_MARK = ".tmp."
+_counter = itertools.count()
+
+
+class DiskTier(StorageTier):
+    name = "disk"
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        capacity_bytes: int,
+        policy: EvictionPolicy,
+        metrics: CacheMetrics | None = None,
+        *,
+        fsync: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        self.capacity_bytes = capacity_bytes
+        self.policy = policy
+        self.metrics = metrics or CacheMetrics()
+        self.fsync = fsync
+        self._sizes: dict[bytes, int] = {}
+        self._used = 0
+        self._reserved = 0
+        self._pins = PinTable()
+        self._lock = threading.RLock()
+        self._known_namespaces: set[bytes] = set()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._rebuild_index()
+
+    # -- paths and index ------------------------------------------------------------------------
+    def path_for(self, key_id: bytes) -> Path:
+        ns, h = key_id[:NAMESPACE_DIGEST_SIZE].hex(), key_id[NAMESPACE_DIGEST_SIZE:].hex()
+        return self.root / ns / h[:2] / f"{h}{SUFFIX}"
+
+    def _rebuild_index(self) -> None:
+        found: list[tuple[float, bytes, int]] = []
+        for path in self.root.glob(f"*/*/*{SUFFIX}*"):
+            if TMP_MARK in path.name:
+                path.unlink(missing_ok=True)  # left by a writer that died mid-write
+                continue
+            try:
+                key_id = key_id_from_str(f"{path.parent.parent.name}/{path.name.removesuffix(SUFFIX)}")
+                stat = path.stat()
+            except (ValueError, OSError):
+                continue
+            found.append((stat.st_mtime, key_id, stat.st_size))
+        for _, key_id, size in sorted(found):
+            self._sizes[key_id] = size
+            self._used += size
+            self.policy.insert(key_id)
+            self._known_namespaces.add(key_id[:NAMESPACE_DIGEST_SIZE])
+        with self._lock:
+            self._make_room(0)
+        if found:
+            log.info("disk tier %s: recovered %d chunks (%.1f MiB)", self.root, len(self._sizes), self._used / 2**20)
+
+    def _make_room(self, size: int) -> bool:
+        while self._used + self._reserved + size > self.capacity_bytes:
+            victim = self.policy.victim(lambda k: not self._pins.is_pinned(k))
+            if victim is None:
+                return False
+            self._forget(victim)  # type: ignore[arg-type]
+            self.metrics.evictions.inc(tier=self.name)
+        return True
+
+    def _forget(self, key_id: bytes) -> None:
+        self._used -= self._sizes.pop(key_id)
+        self.path_for(key_id).unlink(missing_ok=True)
+
+    # -- StorageTier ---------------------------------------------------------------------------
+    def contains(self, key: CacheKey) -> bool:
+        return key.id in self._sizes
+
+    def put(self, key: CacheKey, obj: MemoryObj) -> bool:
+        size = HEADER_SIZE + obj.nbytes
+        with self._lock:
+            if key.id in self._sizes:
+                return False
+            if size > self.capacity_bytes or not self._make_room(size):
+                self.metrics.errors.inc(tier=self.name, kind="full")
+                return False
+            self._reserved += size
+        started = time.perf_counter()
+        try:
+            self._write_file(key, obj)
+        except OSError as exc:
+            log.warning("disk tier: write of %s failed: %s", key.to_str(), exc)
+            self.metrics.errors.inc(tier=self.name, kind="io")
+            return False
+        finally:
+            with self._lock:
+                self._reserved -= size
+        with self._lock:
+            self._sizes[key.id] = size
+            self._used += size
+            self.policy.insert(key.id)
+        self.metrics.write_bytes.inc(size, tier=self.name)
+        self.metrics.write_seconds.observe(time.perf_counter() - started, tier=self.name)
+        return True
+
+    def _write_file(self, key: CacheKey, obj: MemoryObj) -> None:
+        final = self.path_for(key.id)
+        self._note_namespace(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}.{next(_counter)}")
+        payload = memoryview(obj.data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, make_header(key.id, obj.layout, obj.num_tokens, payload))
+            _write_all(fd, payload)
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+
+    def _note_namespace(self, key: CacheKey) -> None:
+        """Write ``namespace.json`` once per namespace so people and admin tools can tell what a dir holds."""
+        digest = key.namespace.digest
+        if digest in self._known_namespaces:
+            return
+        directory = self.root / digest.hex()
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "namespace.json").write_text(json.dumps(key.namespace.to_dict(), indent=1))
+        self._known_namespaces.add(digest)
+
+    def get(self, key: CacheKey, allocate: Allocate) -> MemoryObj | None:
+        with self._lock:
+            if key.id not in self._sizes:
+                return None
+            self._pins.pin(key.id)  # not evicted while we read it
+            self.policy.touch(key.id)
+        started = time.perf_counter()
+        try:
+            obj = self._read_file(key, allocate)
+        finally:
+            with self._lock:
+                self._pins.unpin(key.id)
+        if obj is not None:
+            self.metrics.read_bytes.inc(HEADER_SIZE + obj.nbytes, tier=self.name)
+            self.metrics.read_seconds.observe(time.perf_counter() - started, tier=self.name)
+        return obj
+
+    def _read_file(self, key: CacheKey, allocate: Allocate) -> MemoryObj | None:
+        obj = None
+        try:
+            with open(self.path_for(key.id), "rb", buffering=0) as f:
+                header = decode_header(f.read(HEADER_SIZE), key.id)
+                obj = allocate(header.layout, header.num_tokens)
+                if obj is None:
+                    self.metrics.errors.inc(tier=self.name, kind="no_memory")
+                    return None
+                view = memoryview(obj.data)
+                got = _read_into(f, view)
+                verify_payload(header, view[:got])
+                return obj
+        except CorruptChunkError as exc:
+            kind = "truncated" if isinstance(exc, TruncatedChunkError) else "corrupt"
+            log.warning("disk tier: dropping %s chunk %s: %s", kind, key.to_str(), exc)
+            self.metrics.errors.inc(tier=self.name, kind=kind)
+            self.delete(key)
+        except OSError as exc:
+            log.warning("disk tier: read of %s failed: %s", key.to_str(), exc)
+            self.metrics.errors.inc(tier=self.name, kind="io")
+            self.delete(key)
+        if obj is not None:
+            obj.unref()
+        return None
+
+    def delete(self, key: CacheKey) -> bool:
+        with self._lock:
+            if key.id not in self._sizes:
+                return False
+            self.policy.remove(key.id)
+            self._forget(key.id)
+            return True
+
+    def clear(self) -> int:
+        with self._lock:
+            key_ids = list(self._sizes)
+            for key_id in key_ids:
+                self.policy.remove(key_id)
+                self._forget(key_id)
+            return len(key_ids)
+
+    def pin(self, keys: Sequence[CacheKey]) -> list[CacheKey]:
+        with self._lock:
+            pinned = [k for k in keys if k.id in self._sizes]
+            for key in pinned:
+                self._pins.pin(key.id)
+            return pinned
+
+    def unpin(self, keys: Sequence[CacheKey]) -> None:
+        with self._lock:
+            for key in keys:
+                self._pins.unpin(key.id)
+
+    def touch_prefix(self, keys: Sequence[CacheKey]) -> None:
+        with self._lock:
+            for key in reversed(keys):
+                if key.id in self._sizes:
+                    self.policy.touch(key.id)
+
+    def usage(self) -> TierUsage:
+        return TierUsage(self._used, self.capacity_bytes, len(self._sizes), len(self._pins))
+
+
+def _write_all(fd: int, data: memoryview | bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_into(f, view: memoryview) -> int:  # type: ignore[no-untyped-def]
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
