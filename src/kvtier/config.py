@@ -9,8 +9,13 @@ Sizes are in GiB (2**30 bytes), as LMCache's are.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import itertools
+import math
 import os
+import textwrap
 import types
 import typing
 from collections.abc import Mapping
@@ -93,8 +98,11 @@ class KVTierConfig:
         self._check_positive("chunk_size", self.chunk_size)
         self._check_positive("read_workers", self.read_workers)
         for name in ("max_local_cpu_size", "max_local_disk_size", "max_background_write_size", "pin_timeout_sec"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not value >= 0:  # also rejects NaN
+                raise ConfigError(f"{name} must be >= 0, got {value!r}")
+            if name != "pin_timeout_sec" and math.isinf(value):  # sizes become byte counts
+                raise ConfigError(f"{name} must be finite, got {value!r}")
         if self.max_local_cpu_size <= 0:
             raise ConfigError("max_local_cpu_size must be > 0 (memory also stages chunks for other tiers)")
         try:
@@ -126,6 +134,17 @@ class KVTierConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(KVTierConfig)}
+
+
+def field_docs() -> dict[str, str]:
+    """Each key's one-line description: the docstring under its field above (for ``--help`` and docs)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(KVTierConfig)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in itertools.pairwise(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = str(after.value.value).strip()  # type: ignore[union-attr]
+    return docs
 _HINTS = typing.get_type_hints(KVTierConfig)
 
 
@@ -146,7 +165,8 @@ def load_config(
     values.update(_from_env(env))
     for key, value in (overrides or {}).items():
         if value is not None:
-            values[_check_key(key, "command line")] = _coerce(key, value)
+            checked = _check_key(key, "command line")  # before _coerce, which assumes a known key
+            values[checked] = _coerce(checked, value)
     try:
         return KVTierConfig(**values)
     except TypeError as exc:  # should not happen: keys were checked

@@ -190,31 +190,28 @@ class CacheEngine:
         limit = getattr(dest, "num_tokens", num_tokens)
         wanted = [(c, k) for c, k in zip(chunks, keys, strict=True) if c.start >= skip and c.end <= limit]
         sources = self.storage.locate([k for _, k in wanted])
-        read = self.storage.read([k for _, k in wanted[: len(sources)]], sources)
-        loaded = [c for c, _ in wanted[: len(read.objs)]]
+        wanted = wanted[: len(sources)]
+        if dest is None:  # a new array for the located prefix; trimmed below if a chunk fails to read
+            end = wanted[-1][0].end if wanted else 0
+            dest = ArrayKV(np.zeros(self.layout.chunk_shape(end), self.layout.element.numpy_name), self.layout)
+
+        def copy_out(i: int, obj: MemoryObj) -> None:
+            dest.write_from(obj, wanted[i][0].start, wanted[i][0].end)
+
+        read = self.storage.read([k for _, k in wanted], sources, consume=copy_out)
         try:
-            if dest is None:
-                shape = self.layout.chunk_shape(loaded[-1].end if loaded else 0)
-                dest = ArrayKV(np.zeros(shape, self.layout.element.numpy_name), self.layout)
-            for chunk, obj in zip(loaded, read.objs, strict=True):
-                dest.write_from(obj, chunk.start, chunk.end)
             dest.synchronize()
         finally:
             for obj in read.objs:
                 obj.unref()
+        loaded = [c for c, _ in wanted[: len(read.objs)]]
         tiers = Counter[str]()
         for chunk, name in zip(loaded, read.tiers, strict=True):
             tiers[name] += chunk.num_tokens
         loaded_tokens = sum(tiers.values())
         hit = skip + loaded_tokens if loaded_tokens else 0
-        result = RetrieveResult(
-            hit,
-            loaded_tokens,
-            num_tokens,
-            getattr(dest, "array", getattr(dest, "tensor", dest)),
-            dict(tiers),
-            time.perf_counter() - started,
-        )
+        kv = out if out is not None else dest.array[:, :, : loaded[-1].end if loaded else 0]
+        result = RetrieveResult(hit, loaded_tokens, num_tokens, kv, dict(tiers), time.perf_counter() - started)
         self._record_retrieve(result)
         return result
 

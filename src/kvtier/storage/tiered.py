@@ -9,7 +9,7 @@ stores into memory synchronously and into every slower tier in the background.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -98,37 +98,43 @@ class TieredStorage:
     def contains_any(self, key: CacheKey) -> bool:
         return any(t.contains(key) for t in self.tiers if t.is_local)
 
-    def read(self, keys: Sequence[CacheKey], sources: Sequence[StorageTier]) -> ReadChunks:
+    def read(self, keys: Sequence[CacheKey], sources: Sequence[StorageTier],
+             consume: Callable[[int, MemoryObj], None] | None = None) -> ReadChunks:
         """Objects (one reference each, owned by the caller) for the longest readable prefix of ``keys``.
 
-        ``sources`` comes from :meth:`locate`. The located chunks are pinned while they are read, so
-        making room for one chunk never evicts another chunk of the same prompt.
+        ``sources`` comes from :meth:`locate`. The located chunks are pinned while they are read, so making
+        room for one chunk never evicts another chunk of the same prompt. ``consume(i, obj)`` is called for
+        each chunk in prefix order as soon as it is available, so copying chunk ``i`` out overlaps reading the
+        chunks after it.
         """
         pins = self.pin(keys, sources)
+        pending: list[Future[MemoryObj | None] | MemoryObj | None] = [
+            tier.get(key, self.allocate) if tier is self.memory else self._readers.submit(self._read_slow, key, tier)
+            for key, tier in zip(keys, sources, strict=True)
+        ]
+        objs: list[MemoryObj] = []
+        names: list[str] = []
+        promoted: list[tuple[CacheKey, MemoryObj]] = []
         try:
-            pending: list[Future[MemoryObj | None] | MemoryObj | None] = [
-                tier.get(key, self.allocate)
-                if tier is self.memory
-                else self._readers.submit(self._read_slow, key, tier)
-                for key, tier in zip(keys, sources, strict=True)
-            ]
-            objs: list[MemoryObj] = []
-            names: list[str] = []
-            promoted: list[tuple[CacheKey, MemoryObj]] = []
             for i, (key, tier) in enumerate(zip(keys, sources, strict=True)):
                 obj, source = _resolve(pending[i]), tier
                 if obj is None:  # gone or corrupt since located: another tier may still have it
                     obj, source = self._read_fallback(key, tier)
-                came_from_memory = source is self.memory
                 if obj is None:
-                    for item in pending[i + 1 :]:
-                        _release(_resolve(item))
                     break
                 objs.append(obj)
                 names.append(source.name)
-                if not came_from_memory:
+                if source is not self.memory:
                     promoted.append((key, obj))
+                if consume is not None:
+                    consume(i, obj)
+        except BaseException:
+            for obj in objs:
+                obj.unref()
+            raise
         finally:
+            for item in pending[len(objs) + 1 :] if len(objs) < len(pending) else ():
+                _release(_resolve(item))
             self.unpin(pins)
         self.touch(keys[: len(objs)])
         self._promote(promoted)

@@ -101,6 +101,6 @@ def key_id_from_str(text: str) -> bytes:
     """Inverse of :func:`key_id_to_str`; raises ValueError for anything else."""
     ns_hex, _, hash_hex = text.partition("/")
     key_id = bytes.fromhex(ns_hex) + bytes.fromhex(hash_hex)
-    if len(ns_hex) != 2 * NAMESPACE_DIGEST_SIZE or len(key_id) != KEY_ID_SIZE:
+    if len(ns_hex) != 2 * NAMESPACE_DIGEST_SIZE or len(hash_hex) != 2 * HASH_SIZE or len(key_id) != KEY_ID_SIZE:
         raise ValueError(f"not a kvtier key: {text!r}")
     return key_id

@@ -1,0 +1,150 @@
+"""Store/retrieve throughput of the memory and disk tiers, and lookup latency, next to the physical limits.
+
+Limits measured in the same run: memcpy of the same bytes into pre-faulted memory (memory tier), and raw
+file writes / cold reads of the same bytes in the same chunk-sized files (disk tier). Prints JSON lines.
+
+    python benchmarks/bench_tiers.py --shapes llama8b small --tokens 4096 --reps 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from common import SHAPES, drop_file_cache, emit, summary, timed
+
+from kvtier import CacheEngine, KVLayout, load_config
+
+
+def random_kv(layout: KVLayout, tokens: int, seed: int) -> np.ndarray:
+    raw = np.random.default_rng(seed).integers(0, 2**16, layout.chunk_shape(tokens), dtype=np.uint16)
+    return raw.view(layout.element.numpy_name)
+
+
+def prompt(tokens: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 32000, tokens).tolist()
+
+
+def memcpy_limit(nbytes: int, reps: int) -> dict[str, float]:
+    src = np.ones(nbytes, np.uint8)
+    dst = np.zeros(nbytes, np.uint8)
+    return summary(timed(lambda: np.copyto(dst, src), reps), nbytes)
+
+
+def bench_memory(shape: str, layout: KVLayout, tokens: int, chunk: int, reps: int) -> None:
+    nbytes = layout.chunk_bytes(tokens)
+    limit = memcpy_limit(nbytes, reps)
+    config = load_config(env={}, overrides={"chunk_size": chunk, "max_local_cpu_size": 3 * nbytes / 2**30})
+    kv = random_kv(layout, tokens, 0)
+    out = np.zeros_like(kv)
+    seeds = iter(range(1, 10_000))
+    with CacheEngine(config, layout, model_name="bench") as engine:
+        store_times = timed(lambda: engine.store(prompt(tokens, next(seeds)), kv), reps, warmup=2)
+        toks = prompt(tokens, 0)
+        engine.store(toks, kv)
+        retrieve_times = timed(lambda: engine.retrieve(toks, out=out), reps)
+        assert np.array_equal(out.view(np.uint16), kv.view(np.uint16))
+    base = {"bench": "tiers", "tier": "memory", "shape": shape, "tokens": tokens, "bytes": nbytes,
+            "memcpy_gbps": limit["gbps"]}
+    for op, times in (("store", store_times), ("retrieve", retrieve_times)):
+        s = summary(times, nbytes)
+        emit({**base, "op": op, **s, "ratio_to_memcpy": s["gbps"] / limit["gbps"]})
+
+
+def raw_disk_limit(directory: Path, nbytes: int, files: int, reps: int) -> tuple[dict, dict]:
+    """Write then cold-read ``files`` files of ``nbytes / files`` bytes each, like one chunk per file."""
+    size = nbytes // files
+    data = np.ones(size, np.uint8)
+    buf = np.empty(size, np.uint8)
+    paths = [directory / f"raw{i}" for i in range(files)]
+
+    def write() -> None:
+        for path in paths:
+            with open(path, "wb", buffering=0) as f:
+                f.write(memoryview(data))
+
+    def read() -> None:
+        for path in paths:
+            with open(path, "rb", buffering=0) as f:
+                f.readinto(memoryview(buf))
+
+    write_s = summary(timed(write, reps), nbytes)
+    read_s = summary(timed(read, reps, setup=lambda: drop_file_cache(paths)), nbytes)
+    for path in paths:
+        path.unlink()
+    return write_s, read_s
+
+
+def bench_disk(shape: str, layout: KVLayout, tokens: int, chunk: int, reps: int, root: Path) -> None:
+    nbytes = layout.chunk_bytes(tokens)
+    raw_write, raw_read = raw_disk_limit(root, nbytes, tokens // chunk, reps)
+    disk = root / "tier"
+    config = load_config(env={}, overrides={
+        "chunk_size": chunk, "max_local_cpu_size": 2 * nbytes / 2**30, "local_disk": str(disk),
+        "max_local_disk_size": 3 * nbytes / 2**30})
+    kv = random_kv(layout, tokens, 0)
+    out = np.zeros_like(kv)
+    seeds = iter(range(1, 10_000))
+    with CacheEngine(config, layout, model_name="bench") as engine:
+        def store_until_written() -> None:
+            engine.store(prompt(tokens, next(seeds)), kv)
+            engine.flush()
+
+        write_times = timed(store_until_written, reps)
+        toks = prompt(tokens, 0)
+        engine.store(toks, kv)
+        engine.flush()
+
+        def cold() -> None:
+            engine.storage.memory.clear()
+            drop_file_cache(list(disk.rglob("*.kvt")))
+
+        read_times = timed(lambda: engine.retrieve(toks, out=out), reps, setup=cold)
+        assert np.array_equal(out.view(np.uint16), kv.view(np.uint16))
+    base = {"bench": "tiers", "tier": "disk", "shape": shape, "tokens": tokens, "bytes": nbytes}
+    s = summary(write_times, nbytes)
+    emit({**base, "op": "store_until_written", **s, "raw_write_gbps": raw_write["gbps"],
+          "ratio_to_raw": s["gbps"] / raw_write["gbps"]})
+    s = summary(read_times, nbytes)
+    emit({**base, "op": "retrieve_cold", **s, "raw_cold_read_gbps": raw_read["gbps"],
+          "ratio_to_raw": s["gbps"] / raw_read["gbps"]})
+
+
+def bench_lookup(tokens: int, chunk: int, reps: int) -> None:
+    layout = KVLayout(*SHAPES["small"])
+    config = load_config(env={}, overrides={"chunk_size": chunk, "max_local_cpu_size": 2 * layout.chunk_bytes(tokens) / 2**30})
+    toks = prompt(tokens, 0)
+    with CacheEngine(config, layout, model_name="bench") as engine:
+        engine.store(toks, random_kv(layout, tokens, 0))
+        as_array = np.asarray(toks, dtype=np.int64)
+        miss = [toks[0] + 1, *toks[1:]]
+        for name, query in (("full_hit_list", toks), ("full_hit_numpy", as_array), ("miss_list", miss)):
+            times = timed(lambda q=query: engine.lookup(q), reps * 5, warmup=3)
+            s = summary(times)
+            emit({"bench": "lookup", "tokens": tokens, "chunk_size": chunk, "case": name,
+                  "median_ms": s["median_s"] * 1e3, "min_ms": s["min_s"] * 1e3})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["llama8b", "small"], choices=sorted(SHAPES))
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--lookup-tokens", type=int, default=32768)
+    parser.add_argument("--dir", default=None, help="scratch directory on the disk to measure (default: a temp dir)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="kvtier-bench-") as scratch:
+        for shape in args.shapes:
+            layout = KVLayout(*SHAPES[shape])
+            bench_memory(shape, layout, args.tokens, args.chunk_size, args.reps)
+            bench_disk(shape, layout, args.tokens, args.chunk_size, args.reps, Path(scratch))
+    bench_lookup(args.lookup_tokens, args.chunk_size, args.reps)
+    os.sync()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""``kvtier``: one entry point with a subcommand per job.
+
+Every configuration key is also a flag (``chunk_size`` -> ``--chunk-size``), applied on top of the YAML file
+and the environment by :func:`kvtier.config.load_config`, so the command line never has its own parsing rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from kvtier import __version__
+from kvtier.config import FIELDS, KVTierConfig, field_docs, load_config
+from kvtier.errors import ConfigError
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("configuration (defaults < --config/YAML < KVTIER_*/LMCACHE_* env < flags)")
+    group.add_argument("--config", metavar="FILE", help="YAML file (also $KVTIER_CONFIG_FILE, $LMCACHE_CONFIG_FILE)")
+    docs = field_docs()
+    for name in FIELDS:
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"cfg_{name}", metavar="VALUE", help=docs.get(name))
+
+
+def config_from_args(args: argparse.Namespace, defaults: dict[str, object] | None = None) -> KVTierConfig:
+    """The config for a subcommand: ``defaults`` (the subcommand's own) < file < env < flags."""
+    overrides = dict(defaults or {})
+    overrides.update({n: getattr(args, f"cfg_{n}") for n in FIELDS if getattr(args, f"cfg_{n}") is not None})
+    return load_config(args.config, overrides=overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kvtier.cli import selfcheck
+
+    parser = argparse.ArgumentParser(prog="kvtier", description="A tiered KV cache for LLM inference.")
+    parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    show = commands.add_parser("config", help="print the effective configuration as YAML")
+    add_config_flags(show)
+    show.set_defaults(run=_show_config)
+
+    check = commands.add_parser("selfcheck", help="store and retrieve KV through every configured tier and time it")
+    selfcheck.add_arguments(check)
+    add_config_flags(check)
+    check.set_defaults(run=selfcheck.run)
+    return parser
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    print(yaml.safe_dump(config_from_args(args).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ConfigError as exc:
+        print(f"kvtier: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
