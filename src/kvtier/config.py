@@ -73,6 +73,8 @@ class KVTierConfig:
     """Keep chunks in host memory (L1). If false, memory only stages chunks for slower tiers."""
     max_local_cpu_size: float = 5.0
     """Host memory budget in GiB (also the staging budget when ``local_cpu`` is false)."""
+    pin_local_cpu: bool = False
+    """Page-lock host memory with CUDA so copies to/from GPU tensors are asynchronous (needs torch + CUDA)."""
     cache_policy: str = "LRU"
     """Eviction policy of the memory and disk tiers: LRU, LFU, FIFO or S3FIFO."""
     local_disk: str | None = None

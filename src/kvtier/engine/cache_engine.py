@@ -131,7 +131,11 @@ class CacheEngine:
         try:
             for (chunk, _), obj in zip(new, objs, strict=False):
                 source.read_into(obj, chunk.start, chunk.end)
+            source.synchronize()  # chunks are published (and may be read by others) only once complete
             self.storage.write([k for _, k in new[: len(objs)]], objs)
+            # Storing is a use of the chunks already cached: refresh them after inserting the new ones, so a
+            # cached head stays newer than the tail stored behind it (else it is evicted first, orphaning the tail).
+            self.storage.touch([k for (_, k), p in zip(todo, present, strict=True) if p])
         finally:
             for obj in objs:
                 obj.unref()

@@ -23,7 +23,11 @@ class KVSource(Protocol):
     """Supplies the KV of a prompt, token range by token range."""
 
     def read_into(self, obj: MemoryObj, start: int, end: int) -> None:
-        """Copy the KV of tokens ``[start, end)`` into ``obj`` (``end - start == obj.num_tokens``)."""
+        """Copy the KV of tokens ``[start, end)`` into ``obj`` (``end - start == obj.num_tokens``).
+        May be asynchronous until :meth:`synchronize`."""
+
+    def synchronize(self) -> None:
+        """Return once every copy issued so far has finished writing chunk memory."""
 
 
 @runtime_checkable
@@ -61,8 +65,9 @@ class ArrayKV:
 class TorchKV:
     """A torch tensor shaped ``(layers, kv, tokens, heads, head_dim)`` on any device.
 
-    Copies into a CUDA tensor are issued non-blocking (the chunk memory stays referenced until
-    :meth:`synchronize`), so host-to-device transfers of consecutive chunks overlap.
+    Copies to and from a CUDA tensor are issued non-blocking (the chunk memory stays referenced until
+    :meth:`synchronize`), so the transfers of consecutive chunks overlap; with a page-locked arena
+    (``pin_local_cpu``) they are DMA at full link speed.
     """
 
     def __init__(self, tensor: Any, layout: KVLayout) -> None:
@@ -77,7 +82,7 @@ class TorchKV:
         self._cuda = tensor.device.type == "cuda"
 
     def read_into(self, obj: MemoryObj, start: int, end: int) -> None:
-        obj.tensor().copy_(self.tensor[:, :, start:end])
+        obj.tensor().copy_(self.tensor[:, :, start:end], non_blocking=self._cuda)
 
     def write_from(self, obj: MemoryObj, start: int, end: int) -> None:
         self.tensor[:, :, start:end].copy_(obj.tensor(), non_blocking=self._cuda)

@@ -20,7 +20,7 @@ class MemoryObj:
     while being read stays valid until the reader is done.
     """
 
-    __slots__ = ("data", "layout", "nbytes", "num_tokens", "offset", "pool", "refcount")
+    __slots__ = ("_array", "_tensor", "data", "layout", "nbytes", "num_tokens", "offset", "pool", "refcount")
 
     def __init__(self, pool: MemoryPool, offset: int, layout: KVLayout, num_tokens: int) -> None:
         self.pool = pool
@@ -31,6 +31,8 @@ class MemoryObj:
         self.refcount = 1
         # Flat uint8 view of the object's bytes; no copy.
         self.data: np.ndarray = pool.view(offset, self.nbytes)
+        self._array: np.ndarray | None = None
+        self._tensor: Any = None
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
@@ -38,14 +40,18 @@ class MemoryObj:
 
     def array(self) -> np.ndarray:
         """A numpy view shaped like the chunk (bf16/fp8 appear as same-width unsigned ints)."""
-        return self.data.view(self.layout.element.numpy_name).reshape(self.shape)
+        if self._array is None:
+            self._array = self.data.view(self.layout.element.numpy_name).reshape(self.shape)
+        return self._array
 
     def tensor(self) -> Any:
         """A torch view of the same memory, with the layout's real dtype (imports torch lazily)."""
-        import torch
+        if self._tensor is None:
+            import torch
 
-        flat = torch.from_numpy(self.data)
-        return flat.view(getattr(torch, self.layout.element.torch_name)).view(self.shape)
+            flat = torch.from_numpy(self.data)
+            self._tensor = flat.view(getattr(torch, self.layout.element.torch_name)).view(self.shape)
+        return self._tensor
 
     def ref(self) -> MemoryObj:
         self.pool.ref(self)

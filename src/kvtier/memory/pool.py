@@ -13,6 +13,7 @@ import contextlib
 import mmap
 import os
 import threading
+import weakref
 
 import numpy as np
 
@@ -32,6 +33,7 @@ class MemoryPool:
         self._mmap = self._map(self.capacity_bytes, backing_file)
         self._array = np.frombuffer(self._mmap, dtype=np.uint8) if self.capacity_bytes else np.empty(0, np.uint8)
         self.live_objects = 0
+        self._cuda_unregister: weakref.finalize | None = None
 
     @staticmethod
     def _map(size: int, backing_file: str | None) -> mmap.mmap:
@@ -50,6 +52,25 @@ class MemoryPool:
             return mmap.mmap(fd, length, flags=mmap.MAP_SHARED)
         finally:
             os.close(fd)
+
+    def pin_for_cuda(self) -> None:  # pragma: no cover - needs a GPU (tests/engine/test_cuda.py)
+        """Page-lock the whole arena with CUDA (``cudaHostRegister``) so that copies between chunks and GPU
+        tensors are asynchronous DMA at full link speed. Makes the whole budget resident. Needs torch+CUDA."""
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("pin_local_cpu needs a CUDA device, and torch sees none")
+        pointer, size = self._array.ctypes.data, self._array.nbytes
+        error = torch.cuda.cudart().cudaHostRegister(pointer, size, 0)
+        if int(error) != 0:
+            raise RuntimeError(f"cudaHostRegister of {size} bytes failed with CUDA error {int(error)}")
+        # Unregister before the mapping goes away, also if the pool is dropped without close(): a stale
+        # registration would make CUDA copy from the old physical pages of a new mapping at this address.
+        self._cuda_unregister = weakref.finalize(self, _cuda_host_unregister, pointer)
+
+    @property
+    def cuda_pinned(self) -> bool:
+        return self._cuda_unregister is not None and self._cuda_unregister.alive
 
     def view(self, offset: int, nbytes: int) -> np.ndarray:
         return self._array[offset : offset + nbytes]
@@ -89,7 +110,8 @@ class MemoryPool:
 
     def release_free_pages(self) -> None:
         """Hand resident pages of wholly free ranges back to the OS (after a clear)."""
-        if self.backing_file is not None or not hasattr(self._mmap, "madvise"):
+        # Never for page-locked memory: CUDA keeps DMA-ing to the old physical pages after MADV_DONTNEED.
+        if self.cuda_pinned or self.backing_file is not None or not hasattr(self._mmap, "madvise"):
             return
         with self._lock:
             page = mmap.PAGESIZE
@@ -100,7 +122,15 @@ class MemoryPool:
                     self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def close(self) -> None:
+        if self._cuda_unregister is not None:
+            self._cuda_unregister()
         self._array = np.empty(0, np.uint8)
         # A caller may still hold a view; the mapping then goes away with the last view.
         with contextlib.suppress(BufferError):
             self._mmap.close()
+
+
+def _cuda_host_unregister(pointer: int) -> None:  # pragma: no cover - needs a GPU
+    import torch
+
+    torch.cuda.cudart().cudaHostUnregister(pointer)

@@ -52,6 +52,7 @@ class DiskTier(StorageTier):
         self._sizes: dict[bytes, int] = {}
         self._used = 0
         self._reserved = 0
+        self._writing: set[bytes] = set()  # keys being written now: a second put of one is a duplicate
         self._pins = PinTable()
         self._lock = threading.RLock()
         self._known_namespaces: set[bytes] = set()
@@ -105,12 +106,13 @@ class DiskTier(StorageTier):
     def put(self, key: CacheKey, obj: MemoryObj) -> bool:
         size = HEADER_SIZE + obj.nbytes
         with self._lock:
-            if key.id in self._sizes:
+            if key.id in self._sizes or key.id in self._writing:
                 return False
             if size > self.capacity_bytes or not self._make_room(size):
                 self.metrics.errors.inc(tier=self.name, kind="full")
                 return False
             self._reserved += size
+            self._writing.add(key.id)
         started = time.perf_counter()
         try:
             self._write_file(key, obj)
@@ -121,6 +123,7 @@ class DiskTier(StorageTier):
         finally:
             with self._lock:
                 self._reserved -= size
+                self._writing.discard(key.id)
         with self._lock:
             self._sizes[key.id] = size
             self._used += size

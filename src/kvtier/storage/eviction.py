@@ -185,6 +185,12 @@ class S3FIFOPolicy(EvictionPolicy):
             key = self._evict_small(evictable) if from_small else self._evict_main(evictable)
             if key is not None:
                 return key
+        # The queue chosen above held only pinned keys; the other one may still have an evictable key.
+        for queue in (self._small, self._main):
+            for key in queue:
+                if evictable(key):
+                    self.remove(key)
+                    return key
         return None
 
     def _evict_small(self, evictable: Evictable) -> Hashable | None:

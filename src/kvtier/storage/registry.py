@@ -37,6 +37,8 @@ def create_remote_tier(url: str, config: KVTierConfig, metrics: CacheMetrics) ->
 def build_storage(config: KVTierConfig, metrics: CacheMetrics) -> TieredStorage:
     """Memory (if ``local_cpu``), then local disk (if ``local_disk``), then the remote tier (if ``remote_url``)."""
     pool = MemoryPool(config.local_cpu_bytes)
+    if config.pin_local_cpu:
+        pool.pin_for_cuda()
     memory = MemoryTier(pool, make_policy(config.cache_policy), metrics) if config.local_cpu else None
     lower: list[StorageTier] = []
     if config.local_disk:

@@ -115,9 +115,11 @@ class TieredStorage:
         objs: list[MemoryObj] = []
         names: list[str] = []
         promoted: list[tuple[CacheKey, MemoryObj]] = []
+        resolved = 0  # pending[:resolved] are owned by objs or were misses; the rest must be released
         try:
             for i, (key, tier) in enumerate(zip(keys, sources, strict=True)):
                 obj, source = _resolve(pending[i]), tier
+                resolved = i + 1
                 if obj is None:  # gone or corrupt since located: another tier may still have it
                     obj, source = self._read_fallback(key, tier)
                 if obj is None:
@@ -133,7 +135,7 @@ class TieredStorage:
                 obj.unref()
             raise
         finally:
-            for item in pending[len(objs) + 1 :] if len(objs) < len(pending) else ():
+            for item in pending[resolved:]:
                 _release(_resolve(item))
             self.unpin(pins)
         self.touch(keys[: len(objs)])
@@ -205,6 +207,7 @@ class TieredStorage:
         self._readers.shutdown(wait=True)
         for tier in self.tiers:
             tier.close()
+        self.pool.close()
 
 
 def _resolve(item: Future[MemoryObj | None] | MemoryObj | None) -> MemoryObj | None:
