@@ -32,27 +32,25 @@ GiB = 2**30
 CONFIG_FILE_VARIABLES = ("KVTIER_CONFIG_FILE", "LMCACHE_CONFIG_FILE")
 ENV_PREFIXES = ("KVTIER_", "LMCACHE_")  # later wins over earlier: KVTIER_ is applied last
 
-# LMCache options kvtier deliberately does not take (yet): named so the error says so, not "unknown key".
-LMCACHE_ONLY_KEYS = frozenset(
-    {
-        "use_layerwise",
-        "enable_blending",
-        "blend_recompute_ratios",
-        "blend_check_layers",
-        "blend_special_str",
-        "enable_p2p",
-        "enable_pd",
-        "enable_controller",
-        "pd_role",
-        "remote_serde",
-        "gds_path",
-        "nixl_backends",
-        "local_cpu_use_hugepages",
-        "numa_mode",
-        "enable_async_loading",
-        "internal_api_server_enabled",
-    }
-)
+# LMCache options kvtier does not implement, with the value that means "off" in LMCache. A config file or
+# LMCACHE_* variable setting one of them to that value loads unchanged (there is nothing to do); any other
+# value is an error naming the option, never silently ignored. ANY: kvtier's behaviour already covers it.
+ANY = object()
+LMCACHE_INERT_OPTIONS: dict[str, Any] = {
+    "enable_async_loading": False,
+    "enable_blending": False,
+    "enable_controller": False,
+    "enable_p2p": False,
+    "enable_pd": False,
+    "internal_api_server_enabled": False,
+    "local_cpu_use_hugepages": False,
+    "local_disk_path_sharding": ANY,  # one disk tier per engine: no sharding to choose
+    "numa_mode": None,
+    "pre_caching_hash_algorithm": ANY,  # kvtier always hashes with BLAKE2b, stable across processes
+    "remote_serde": "naive",
+    "save_decode_cache": False,
+    "use_layerwise": False,
+}
 
 
 def default_disk_path() -> str:
@@ -91,6 +89,8 @@ class KVTierConfig:
     """Seconds after which a lookup lease that was never released expires (its pins are dropped)."""
     read_workers: int = 4
     """Threads reading chunks from slower tiers in parallel."""
+    copy_threads: int = 2
+    """Threads copying large chunks between numpy arrays and cache memory (one core cannot saturate memory)."""
     log_level: str = "INFO"
     """Logging level of the ``kvtier`` logger."""
     extra_config: dict[str, Any] = field(default_factory=dict)
@@ -99,6 +99,7 @@ class KVTierConfig:
     def __post_init__(self) -> None:
         self._check_positive("chunk_size", self.chunk_size)
         self._check_positive("read_workers", self.read_workers)
+        self._check_positive("copy_threads", self.copy_threads)
         for name in ("max_local_cpu_size", "max_local_disk_size", "max_background_write_size", "pin_timeout_sec"):
             value = getattr(self, name)
             if not value >= 0:  # also rejects NaN
@@ -147,6 +148,8 @@ def field_docs() -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
             docs[node.target.id] = str(after.value.value).strip()  # type: ignore[union-attr]
     return docs
+
+
 _HINTS = typing.get_type_hints(KVTierConfig)
 
 
@@ -166,9 +169,8 @@ def load_config(
         values.update(_read_yaml(Path(path)))
     values.update(_from_env(env))
     for key, value in (overrides or {}).items():
-        if value is not None:
-            checked = _check_key(key, "command line")  # before _coerce, which assumes a known key
-            values[checked] = _coerce(checked, value)
+        if value is not None and _check_key(key, "command line", value):  # checked first: _coerce needs a key
+            values[key] = _coerce(key, value)
     try:
         return KVTierConfig(**values)
     except TypeError as exc:  # should not happen: keys were checked
@@ -184,7 +186,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-    return {_check_key(k, str(path)): _coerce(k, v) for k, v in data.items()}
+    return {k: _coerce(k, v) for k, v in data.items() if _check_key(k, str(path), v)}
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -196,18 +198,35 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             key = name[len(prefix) :].lower()
             if key in FIELDS:
                 values[key] = _coerce(key, raw, source=name)
+            elif key in LMCACHE_INERT_OPTIONS:
+                _check_key(key, name, raw)
             elif prefix == "KVTIER_":
                 # LMCACHE_* holds many non-config variables (telemetry, logging); ours must be exact.
                 raise ConfigError(f"unknown environment variable {name}: no configuration key {key!r}")
     return values
 
 
-def _check_key(key: Any, source: str) -> str:
-    if not isinstance(key, str) or key not in FIELDS:
-        if key in LMCACHE_ONLY_KEYS:
-            raise ConfigError(f"{source}: LMCache option {key!r} is not supported by kvtier")
-        raise ConfigError(f"{source}: unknown configuration key {key!r}")
-    return key
+def _check_key(key: Any, source: str, value: Any) -> bool:
+    """True for a kvtier key; False for an LMCache option set to its inert value; ConfigError otherwise."""
+    if isinstance(key, str) and key in FIELDS:
+        return True
+    if isinstance(key, str) and key in LMCACHE_INERT_OPTIONS:
+        inert = LMCACHE_INERT_OPTIONS[key]
+        if inert is ANY or _same_value(value, inert):
+            return False
+        raise ConfigError(f"{source}: LMCache option {key}={value!r} is not supported by kvtier (only {inert!r})")
+    raise ConfigError(f"{source}: unknown configuration key {key!r}")
+
+
+def _same_value(value: Any, inert: Any) -> bool:
+    if inert is None:
+        return value is None or str(value).lower() in ("none", "null", "")
+    if isinstance(inert, bool):
+        try:
+            return _to_bool(value) == inert
+        except ValueError:
+            return False
+    return str(value) == str(inert)
 
 
 def _coerce(key: str, value: Any, source: str | None = None) -> Any:

@@ -153,7 +153,8 @@ class Registry:
         """Prometheus text exposition format 0.0.4."""
         out = []
         for m in self._metrics.values():
-            out.append(f"# HELP {m.name} {m.help}")
+            help_text = m.help.replace("\\", "\\\\").replace("\n", "\\n")
+            out.append(f"# HELP {m.name} {help_text}")
             out.append(f"# TYPE {m.name} {m.kind}")
             out.extend(m.samples())
         return "\n".join(out) + "\n"

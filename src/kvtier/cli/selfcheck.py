@@ -53,8 +53,12 @@ def run(args: argparse.Namespace) -> int:
                 got, expected = result.kv.view(np.uint8), kv[:, :, : result.hit_tokens].view(np.uint8)
                 exact = result.hit_tokens > 0 and bool(np.array_equal(got, expected))
                 ok &= exact
-                report[f"retrieve_{phase}"] = {"hit_tokens": result.hit_tokens, "tiers": result.tier_tokens,
-                                               "seconds": result.seconds, "bit_exact": exact}
+                report[f"retrieve_{phase}"] = {
+                    "hit_tokens": result.hit_tokens,
+                    "tiers": result.tier_tokens,
+                    "seconds": result.seconds,
+                    "bit_exact": exact,
+                }
             report["lookup_ms"] = _lookup_ms(engine, tokens)
         report["ok"] = ok
     print(json.dumps(report))

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ import numpy as np
 from kvtier.config import KVTierConfig
 from kvtier.engine.leases import Lease, LeaseTable
 from kvtier.engine.results import LookupResult, RetrieveResult, StoreResult
-from kvtier.engine.transfer import ArrayKV, as_destination, as_source
+from kvtier.engine.transfer import ArrayKV, KVDestination, KVSource, as_destination, as_source
 from kvtier.errors import LayoutError
 from kvtier.memory.layout import KVLayout
 from kvtier.memory.memory_obj import MemoryObj
@@ -30,6 +31,8 @@ from kvtier.tokens.chunking import Chunk, Chunker
 from kvtier.tokens.keys import CacheKey, Namespace
 
 log = logging.getLogger("kvtier")
+# Below this chunk size, handing a copy to another thread costs more than the copy itself.
+PARALLEL_COPY_MIN_BYTES = 1 << 20
 
 
 class CacheEngine:
@@ -55,6 +58,11 @@ class CacheEngine:
         self.leases = LeaseTable(config.pin_timeout_sec, self.storage.unpin)
         self.metrics.active_leases.add_source(lambda: {(): len(self.leases)})
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kvtier-prefetch")
+        self._copiers = (
+            ThreadPoolExecutor(config.copy_threads, thread_name_prefix="kvtier-copy")
+            if config.copy_threads > 1 and layout.chunk_bytes(config.chunk_size) >= PARALLEL_COPY_MIN_BYTES
+            else None
+        )
         logging.getLogger("kvtier").setLevel(config.log_level.upper())
 
     # -- keys ---------------------------------------------------------------------------------------
@@ -129,8 +137,8 @@ class CacheEngine:
         new = [(c, k) for (c, k), p in zip(todo, present, strict=True) if not p]
         objs = self._allocate([c for c, _ in new])
         try:
-            for (chunk, _), obj in zip(new, objs, strict=False):
-                source.read_into(obj, chunk.start, chunk.end)
+            copies = [partial(source.read_into, obj, c.start, c.end) for (c, _), obj in zip(new, objs, strict=False)]
+            self._wait(self._copy_all(copies, source))
             source.synchronize()  # chunks are published (and may be read by others) only once complete
             self.storage.write([k for _, k in new[: len(objs)]], objs)
             # Storing is a use of the chunks already cached: refresh them after inserting the new ones, so a
@@ -146,6 +154,22 @@ class CacheEngine:
         result = StoreResult(stored, num_tokens - stored - dropped, dropped, time.perf_counter() - started)
         self._record_store(result, len(objs))
         return result
+
+    def _copy_all(self, copies: list[Callable[[], None]], side: KVSource | KVDestination) -> list[Future[None]]:
+        """Run chunk copies; large numpy copies go to the copy threads (one thread cannot saturate memory
+        bandwidth, and numpy releases the GIL while copying). Returns futures to :meth:`_wait` for."""
+        if getattr(side, "parallel_copies", False) and self._copiers is not None:
+            return [self._copiers.submit(copy) for copy in copies]
+        for copy in copies:
+            copy()
+        return []
+
+    @staticmethod
+    def _wait(futures: list[Future[None]]) -> None:
+        errors = [f.exception() for f in futures]
+        for error in errors:
+            if error is not None:
+                raise error
 
     def _allocate(self, chunks: Sequence[Chunk]) -> list[MemoryObj]:
         objs: list[MemoryObj] = []
@@ -199,10 +223,15 @@ class CacheEngine:
             end = wanted[-1][0].end if wanted else 0
             dest = ArrayKV(np.zeros(self.layout.chunk_shape(end), self.layout.element.numpy_name), self.layout)
 
-        def copy_out(i: int, obj: MemoryObj) -> None:
-            dest.write_from(obj, wanted[i][0].start, wanted[i][0].end)
+        pending: list[Future[None]] = []
 
-        read = self.storage.read([k for _, k in wanted], sources, consume=copy_out)
+        def copy_out(i: int, obj: MemoryObj) -> None:
+            pending.extend(self._copy_all([partial(dest.write_from, obj, wanted[i][0].start, wanted[i][0].end)], dest))
+
+        try:
+            read = self.storage.read([k for _, k in wanted], sources, consume=copy_out)
+        finally:
+            self._wait(pending)  # every copy must be done before the chunks' references are dropped
         try:
             dest.synchronize()
         finally:
@@ -276,6 +305,8 @@ class CacheEngine:
     def close(self) -> None:
         """Finish or discard background work, release leases and tiers. Disk contents persist."""
         self._prefetcher.shutdown(wait=True)
+        if self._copiers is not None:
+            self._copiers.shutdown(wait=True)
         self.leases.release_all()
         self.storage.close()
 

@@ -36,8 +36,8 @@ class LeaseTable:
         self._lock = threading.Lock()
 
     def grant(self, pins: Pins, hit_tokens: int) -> Lease:
-        lease = Lease(next(self._ids), hit_tokens, time.monotonic() + self.timeout)
-        with self._lock:
+        with self._lock:  # deadline taken under the lock: insertion order must stay deadline order
+            lease = Lease(next(self._ids), hit_tokens, time.monotonic() + self.timeout)
             self._leases[lease.id] = (lease, pins)
         return lease
 

@@ -42,7 +42,12 @@ class KVDestination(Protocol):
 
 
 class ArrayKV:
-    """A numpy array shaped ``(layers, kv, tokens, heads, head_dim)``; source and destination."""
+    """A numpy array shaped ``(layers, kv, tokens, heads, head_dim)``; source and destination.
+
+    Copies of different chunks may run on several threads at once (``parallel_copies``).
+    """
+
+    parallel_copies = True
 
     def __init__(self, array: np.ndarray, layout: KVLayout) -> None:
         layout.check_shape(array.shape)

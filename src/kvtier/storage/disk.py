@@ -114,20 +114,22 @@ class DiskTier(StorageTier):
             self._reserved += size
             self._writing.add(key.id)
         started = time.perf_counter()
+        written = False
         try:
             self._write_file(key, obj)
+            written = True
         except OSError as exc:
             log.warning("disk tier: write of %s failed: %s", key.to_str(), exc)
             self.metrics.errors.inc(tier=self.name, kind="io")
             return False
         finally:
-            with self._lock:
+            with self._lock:  # one step, so a racing put of this key sees it either being written or stored
                 self._reserved -= size
                 self._writing.discard(key.id)
-        with self._lock:
-            self._sizes[key.id] = size
-            self._used += size
-            self.policy.insert(key.id)
+                if written:
+                    self._sizes[key.id] = size
+                    self._used += size
+                    self.policy.insert(key.id)
         self.metrics.write_bytes.inc(size, tier=self.name)
         self.metrics.write_seconds.observe(time.perf_counter() - started, tier=self.name)
         return True

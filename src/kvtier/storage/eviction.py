@@ -2,8 +2,10 @@
 
 A policy only orders keys; the tier owns the data and the byte budget. ``victim(evictable)`` picks the next
 key to evict among those ``evictable`` accepts (pinned or in-use keys are skipped), forgets it and returns it.
-Tiers record a prompt's chunks in reverse order (tail first), so for every policy the head of a prefix
-counts as more recent than its tail and the tail goes first: a prefix with a hole is worthless.
+Tiers record a prompt's chunks in reverse order (tail first) when they store and when they are used, so the
+head of a prefix counts as newer than its tail and, within a prompt, the tail goes first: a prefix with a
+hole is worthless. Across prompts that share a head this holds for LRU; FIFO ignores uses by definition, and
+LFU and S3-FIFO favour the shared head through its higher use count.
 """
 
 from __future__ import annotations

@@ -98,8 +98,12 @@ class TieredStorage:
     def contains_any(self, key: CacheKey) -> bool:
         return any(t.contains(key) for t in self.tiers if t.is_local)
 
-    def read(self, keys: Sequence[CacheKey], sources: Sequence[StorageTier],
-             consume: Callable[[int, MemoryObj], None] | None = None) -> ReadChunks:
+    def read(
+        self,
+        keys: Sequence[CacheKey],
+        sources: Sequence[StorageTier],
+        consume: Callable[[int, MemoryObj], None] | None = None,
+    ) -> ReadChunks:
         """Objects (one reference each, owned by the caller) for the longest readable prefix of ``keys``.
 
         ``sources`` comes from :meth:`locate`. The located chunks are pinned while they are read, so making
