@@ -47,16 +47,36 @@ def main() -> None:
     layout = KVLayout(*SHAPES[args.shape])
     nbytes = layout.chunk_bytes(args.tokens)
     limits = raw_limits(nbytes, args.reps)
-    base = {"bench": "cuda", "device": torch.cuda.get_device_name(), "shape": args.shape, "tokens": args.tokens,
-            "bytes": nbytes, **limits}
+    base = {
+        "bench": "cuda",
+        "device": torch.cuda.get_device_name(),
+        "shape": args.shape,
+        "tokens": args.tokens,
+        "bytes": nbytes,
+        **limits,
+    }
     for pinned in (False, True):
         store, retrieve = bench_engine(layout, args.tokens, pinned, args.reps)
         s = summary(store, nbytes)
-        emit({**base, "pinned_arena": pinned, "op": "store_d2h", **s,
-              "ratio_to_raw": s["gbps"] / limits["raw_d2h_pinned_gbps"]})
+        emit(
+            {
+                **base,
+                "pinned_arena": pinned,
+                "op": "store_d2h",
+                **s,
+                "ratio_to_raw": s["gbps"] / limits["raw_d2h_pinned_gbps"],
+            }
+        )
         s = summary(retrieve, nbytes)
-        emit({**base, "pinned_arena": pinned, "op": "retrieve_h2d", **s,
-              "ratio_to_raw": s["gbps"] / limits["raw_h2d_pinned_gbps"]})
+        emit(
+            {
+                **base,
+                "pinned_arena": pinned,
+                "op": "retrieve_h2d",
+                **s,
+                "ratio_to_raw": s["gbps"] / limits["raw_h2d_pinned_gbps"],
+            }
+        )
 
 
 def bench_engine(layout: KVLayout, num_tokens: int, pinned: bool, reps: int) -> tuple[list[float], list[float]]:

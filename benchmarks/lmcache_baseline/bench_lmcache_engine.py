@@ -9,8 +9,9 @@ and to/from "gpu" is a slice ``copy_``):
   fresh tokens (new cache keys) every rep, round trip checked bit-exact;
 * ``lookup`` latency of a fully stored 32768-token prompt (tokens as tensor and as
   list), on the small KV shape (lookup cost does not depend on KV bytes);
-* optionally ``LocalDiskBackend`` (local_cpu=False): store-until-visible and retrieve,
-  buffered and/or O_DIRECT;
+* optionally ``LocalDiskBackend`` (local_cpu=False), buffered and/or O_DIRECT:
+  store call, store-until-visible (lookup sees all tokens), retrieve (buffered: with
+  the files evicted from the page cache, and again from the page cache);
 * in the same reps, the memcpy limit: torch ``copy_`` and ``numpy.copyto`` of the same
   byte count into a preallocated, pre-faulted buffer. Every GB/s number (1e9 B/s) is
   also reported as a ratio to it.
@@ -35,6 +36,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,9 +55,7 @@ def setup_env() -> None:
     """Call before importing lmcache: no telemetry (it would try to reach
     stats.lmcache.ai), no banner, quiet logs (to stderr). PYTHONHASHSEED only takes
     effect at interpreter start, hence the re-exec."""
-    os.environ.update(
-        LMCACHE_TRACK_USAGE="false", DO_NOT_TRACK="1", LMCACHE_DISABLE_BANNER="1"
-    )
+    os.environ.update(LMCACHE_TRACK_USAGE="false", DO_NOT_TRACK="1", LMCACHE_DISABLE_BANNER="1")
     os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")
     if os.environ.get("PYTHONHASHSEED") != "0":
         os.environ["PYTHONHASHSEED"] = "0"
@@ -97,15 +98,11 @@ def contig_connector(kv: torch.Tensor) -> GPUConnectorInterface:
         def from_gpu(self, memory_obj: Any, start: int, end: int, **kw: Any) -> None:
             memory_obj.tensor.copy_(kv[:, :, start:end])
 
-        def batched_to_gpu(
-            self, memory_objs: list[Any], starts: list[int], ends: list[int], **kw: Any
-        ) -> None:
+        def batched_to_gpu(self, memory_objs: list[Any], starts: list[int], ends: list[int], **kw: Any) -> None:
             for obj, s, e in zip(memory_objs, starts, ends, strict=True):
                 self.to_gpu(obj, s, e)
 
-        def batched_from_gpu(
-            self, memory_objs: list[Any], starts: list[int], ends: list[int], **kw: Any
-        ) -> None:
+        def batched_from_gpu(self, memory_objs: list[Any], starts: list[int], ends: list[int], **kw: Any) -> None:
             for obj, s, e in zip(memory_objs, starts, ends, strict=True):
                 self.from_gpu(obj, s, e)
 
@@ -127,9 +124,7 @@ def psi_avg10() -> float | None:
 def cpu_jiffies() -> tuple[int, int]:
     """(busy, steal) jiffies summed over all CPUs, from /proc/stat."""
     with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
-            int, f.readline().split()[1:9]
-        )
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
     return user + nice + system + irq + softirq + steal, steal
 
 
@@ -138,16 +133,12 @@ def emit(op: str, **rec: Any) -> None:
     print(json.dumps({"bench": "lmcache_engine", **shape, "op": op, **rec}), flush=True)
 
 
-def make_engine(
-    name: str, shape: Shape, ntok: int, cpu_gib: float, **extra: Any
-) -> tuple[LMCacheEngine, torch.Tensor]:
+def make_engine(name: str, shape: Shape, ntok: int, cpu_gib: float, **extra: Any) -> tuple[LMCacheEngine, torch.Tensor]:
     from lmcache.v1.cache_engine import LMCacheEngineBuilder
     from lmcache.v1.config import LMCacheEngineConfig
     from lmcache.v1.metadata import LMCacheMetadata
 
-    cfg = LMCacheEngineConfig.from_defaults(
-        chunk_size=shape.chunk, max_local_cpu_size=cpu_gib, **extra
-    )
+    cfg = LMCacheEngineConfig.from_defaults(chunk_size=shape.chunk, max_local_cpu_size=cpu_gib, **extra)
     meta = LMCacheMetadata(
         model_name=f"fake-{shape.name}",
         world_size=1,
@@ -158,9 +149,7 @@ def make_engine(
         kv_shape=(shape.layers, 2, shape.chunk, shape.kv_heads, shape.head_dim),
     )
     kv = torch.randn(2, shape.layers, ntok, shape.hidden, dtype=DTYPE)
-    eng = LMCacheEngineBuilder.get_or_create(
-        name, cfg, meta, contig_connector(kv), lambda t, r: None, lambda o, r: o
-    )
+    eng = LMCacheEngineBuilder.get_or_create(name, cfg, meta, contig_connector(kv), lambda t, r: None, lambda o, r: o)
     eng.post_init()
     return eng, kv
 
@@ -169,9 +158,7 @@ def destroy(name: str, timeout_s: float = 60.0) -> None:
     """Destroy an engine; give up after timeout_s (destroy can deadlock in 0.5.6)."""
     from lmcache.v1.cache_engine import LMCacheEngineBuilder
 
-    th = threading.Thread(
-        target=LMCacheEngineBuilder.destroy, args=(name,), daemon=True
-    )
+    th = threading.Thread(target=LMCacheEngineBuilder.destroy, args=(name,), daemon=True)
     th.start()
     th.join(timeout_s)
     if th.is_alive():
@@ -188,21 +175,38 @@ def fresh_tokens(ntok: int, gen: torch.Generator) -> torch.Tensor:
     return tokens
 
 
-def wait_visible(
-    eng: LMCacheEngine, tokens: torch.Tensor, timeout_s: float = 120.0
-) -> int:
+def wait_visible(eng: LMCacheEngine, tokens: torch.Tensor, timeout_s: float = 120.0) -> int:
     deadline = time.monotonic() + timeout_s
     while (hit := eng.lookup(tokens)) < len(tokens) and time.monotonic() < deadline:
         time.sleep(0.002)
     return hit
 
 
+def evict_page_cache(directory: str) -> None:
+    """Write back and drop the page cache of every file in directory."""
+    for entry in os.scandir(directory):
+        fd = os.open(entry.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def run_reps(
-    eng: LMCacheEngine, kv: torch.Tensor, ntok: int, reps: int, nbytes: int
+    eng: LMCacheEngine,
+    kv: torch.Tensor,
+    ntok: int,
+    reps: int,
+    nbytes: int,
+    *,
+    evict_dir: str | None = None,
 ) -> dict[str, list[float]]:
     """Per rep: memcpy (torch, numpy), store, wait until visible, zero KV, retrieve.
 
-    One untimed warm-up rep first. The memcpy is timed inside the same reps so that
+    With evict_dir (buffered disk backend), "retrieve" runs after evicting the files
+    from the page cache and "retrieve_hot" repeats it from the page cache. One
+    untimed warm-up rep first. The memcpy is timed inside the same reps so that
     machine noise hits it and the LMCache ops alike.
     """
     src = torch.ones(nbytes, dtype=torch.uint8)
@@ -211,38 +215,34 @@ def run_reps(
     ref = kv.clone()
     slot = torch.arange(ntok, dtype=torch.long)
     gen = torch.Generator().manual_seed(0)
-    keys = ("memcpy_torch", "memcpy_numpy", "store", "visible", "retrieve")
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    for rep in range(-1, reps):
-        t = [time.perf_counter()]
-        dst.copy_(src)
-        t.append(time.perf_counter())
-        np.copyto(dst_np, src_np)
-        t.append(time.perf_counter())
+    times: dict[str, list[float]] = defaultdict(list)
+
+    def timed(key: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args, **kw)
+        times[key].append(time.perf_counter() - t0)
+        return out
+
+    for rep in range(reps + 1):
+        timed("memcpy_torch", dst.copy_, src)
+        timed("memcpy_numpy", np.copyto, dst_np, src_np)
         tokens = fresh_tokens(ntok, gen)
-        t.append(time.perf_counter())
-        eng.store(tokens, slot_mapping=slot)
-        t.append(time.perf_counter())
+        t0 = time.perf_counter()
+        timed("store", eng.store, tokens, slot_mapping=slot)
         hit = wait_visible(eng, tokens)
-        t.append(time.perf_counter())
-        kv.zero_()
-        t.append(time.perf_counter())
-        got = int(eng.retrieve(tokens, slot_mapping=slot, req_id=f"r{rep}").sum())
-        t.append(time.perf_counter())
-        if hit != ntok or got != ntok or not torch.equal(kv, ref):
-            raise RuntimeError(f"rep {rep}: visible={hit} retrieved={got} of {ntok}")
-        if rep >= 0:
-            times["memcpy_torch"].append(t[1] - t[0])
-            times["memcpy_numpy"].append(t[2] - t[1])
-            times["store"].append(t[4] - t[3])
-            times["visible"].append(t[5] - t[3])
-            times["retrieve"].append(t[7] - t[6])
-    return times
+        times["visible"].append(time.perf_counter() - t0)
+        for key in ("retrieve", "retrieve_hot") if evict_dir else ("retrieve",):
+            if evict_dir and key == "retrieve":
+                evict_page_cache(evict_dir)
+            kv.zero_()
+            mask = timed(key, eng.retrieve, tokens, slot_mapping=slot, req_id=f"r{rep}")
+            got = int(mask.sum())
+            if hit != ntok or got != ntok or not torch.equal(kv, ref):
+                raise RuntimeError(f"rep {rep}: visible={hit} got={got} of {ntok}")
+    return {k: v[1:] for k, v in times.items()}  # drop the warm-up rep
 
 
-def report_throughput(
-    times: dict[str, list[float]], ops: dict[str, str], nbytes: int, **common: Any
-) -> None:
+def report_throughput(times: dict[str, list[float]], ops: dict[str, str], nbytes: int, **common: Any) -> None:
     """Emit memcpy lines, then each LMCache op (time key -> op name) with ratios."""
     psi = psi_avg10()
     memcpy_gbps, memcpy_op = 0.0, ""
@@ -258,9 +258,11 @@ def report_throughput(
             median_s=med,
             min_s=min(times[key]),
             gbps=gbps,
-            psi_some_avg10=psi,
+            psi_cpu_avg10=psi,
         )
     for key, op in ops.items():
+        if key not in times:
+            continue
         med = statistics.median(times[key])
         gbps = nbytes / med / 1e9
         emit(
@@ -274,7 +276,7 @@ def report_throughput(
             memcpy_gbps=memcpy_gbps,
             memcpy_op=memcpy_op,
             ratio_to_memcpy=gbps / memcpy_gbps,
-            psi_some_avg10=psi,
+            psi_cpu_avg10=psi,
         )
 
 
@@ -290,9 +292,7 @@ def bench_cpu(shape: Shape, ntok: int, reps: int) -> None:
         "tokens": ntok,
         "reps": reps,
     }
-    report_throughput(
-        times, {"store": "store", "retrieve": "retrieve"}, nbytes, **common
-    )
+    report_throughput(times, {"store": "store", "retrieve": "retrieve"}, nbytes, **common)
     del eng, kv
     destroy(f"cpu-{shape.name}")
 
@@ -310,7 +310,8 @@ def bench_disk(shape: Shape, ntok: int, reps: int, mode: str, root: str) -> None
         extra["extra_config"] = {"use_odirect": True}
     try:
         eng, kv = make_engine(name, shape, ntok, max(1.0, 2 * nbytes / 2**30), **extra)
-        times = run_reps(eng, kv, ntok, reps, nbytes)
+        evict_dir = path if mode == "buffered" else None
+        times = run_reps(eng, kv, ntok, reps, nbytes, evict_dir=evict_dir)
         common = {
             "shape": shape.name,
             "backend": "LocalDiskBackend",
@@ -322,7 +323,8 @@ def bench_disk(shape: Shape, ntok: int, reps: int, mode: str, root: str) -> None
         ops = {
             "store": "disk_store_call",
             "visible": "disk_store_visible",
-            "retrieve": "disk_retrieve",
+            "retrieve": "disk_retrieve",  # buffered: page cache evicted first
+            "retrieve_hot": "disk_retrieve_pagecache",
         }
         report_throughput(times, ops, nbytes, **common)
         del eng, kv
@@ -356,7 +358,7 @@ def bench_lookup(shape: Shape, ntok: int, reps: int) -> None:
             median_ms=statistics.median(xs) * 1e3,
             min_ms=min(xs) * 1e3,
             max_ms=max(xs) * 1e3,
-            psi_some_avg10=psi_avg10(),
+            psi_cpu_avg10=psi_avg10(),
         )
     del eng, _kv
     destroy("lookup")
@@ -367,15 +369,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=9, help="timed reps (min 7; small: 30)")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per request")
-    ap.add_argument(
-        "--shapes", default="llama8b,small", help="comma list of " + ",".join(SHAPES)
-    )
+    ap.add_argument("--shapes", default="llama8b,small", help="comma list of " + ",".join(SHAPES))
     ap.add_argument("--lookup-tokens", type=int, default=32768)
     ap.add_argument("--lookup-reps", type=int, default=30)
     ap.add_argument("--lookup-shape", default="small", choices=sorted(SHAPES))
-    ap.add_argument(
-        "--disk", default="", help="comma list of buffered,odirect ('' = skip)"
-    )
+    ap.add_argument("--disk", default="", help="comma list of buffered,odirect ('' = skip)")
     ap.add_argument("--disk-dir", default=tempfile.gettempdir())
     args = ap.parse_args()
     shapes = [SHAPES[s] for s in args.shapes.split(",") if s]
@@ -386,7 +384,7 @@ def main() -> None:
     t_start, busy0, steal0, own0 = time.time(), *cpu_jiffies(), os.times()
     emit(
         op="meta",
-        psi_some_avg10_before=psi_avg10(),
+        psi_cpu_avg10_before=psi_avg10(),
         loadavg=os.getloadavg(),
         lmcache=importlib.metadata.version("lmcache"),
         torch=torch.__version__,
@@ -410,7 +408,7 @@ def main() -> None:
         op="end",
         other_procs_cpu_cores=round(((busy1 - busy0) / hz - own_s) / wall, 3),
         steal_cpu_cores=round((steal1 - steal0) / hz / wall, 3),
-        psi_some_avg10_after=psi_avg10(),
+        psi_cpu_avg10_after=psi_avg10(),
         loadavg=os.getloadavg(),
         wall_s=round(wall, 1),
     )

@@ -19,8 +19,16 @@ def test_cuda_round_trip_is_bit_exact(tmp_path, pinned: bool, dtype: str) -> Non
     """A prompt's KV stored from a CUDA tensor comes back into another CUDA tensor bit for bit,
     from memory and from disk."""
     layout = KVLayout(4, 2, 64, dtype)
-    config = load_config(env={}, overrides={"chunk_size": 16, "max_local_cpu_size": 0.01, "pin_local_cpu": pinned,
-                                            "local_disk": str(tmp_path), "max_local_disk_size": 0.05})
+    config = load_config(
+        env={},
+        overrides={
+            "chunk_size": 16,
+            "max_local_cpu_size": 0.01,
+            "pin_local_cpu": pinned,
+            "local_disk": str(tmp_path),
+            "max_local_disk_size": 0.05,
+        },
+    )
     tokens = list(range(1000, 1100))
     kv = torch.randn(layout.chunk_shape(100), device="cuda").to(getattr(torch, dtype))
     with CacheEngine(config, layout, model_name="cuda-test") as engine:

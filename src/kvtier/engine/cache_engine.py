@@ -57,6 +57,7 @@ class CacheEngine:
         self.storage = build_storage(config, self.metrics)
         self.leases = LeaseTable(config.pin_timeout_sec, self.storage.unpin)
         self.metrics.active_leases.add_source(lambda: {(): len(self.leases)})
+        self._closed = False
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kvtier-prefetch")
         self._copiers = (
             ThreadPoolExecutor(config.copy_threads, thread_name_prefix="kvtier-copy")
@@ -303,7 +304,10 @@ class CacheEngine:
         return self.storage.clear()
 
     def close(self) -> None:
-        """Finish or discard background work, release leases and tiers. Disk contents persist."""
+        """Finish or discard background work, release leases and tiers. Disk contents persist. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self._prefetcher.shutdown(wait=True)
         if self._copiers is not None:
             self._copiers.shutdown(wait=True)

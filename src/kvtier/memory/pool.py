@@ -122,6 +122,9 @@ class MemoryPool:
                     self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def close(self) -> None:
+        """Unmap the arena (idempotent). Objects still referenced must not be used afterwards."""
+        if self._mmap.closed:
+            return
         if self._cuda_unregister is not None:
             self._cuda_unregister()
         self._array = np.empty(0, np.uint8)

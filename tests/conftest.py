@@ -1,0 +1,88 @@
+"""Shared, generic fixtures: a small KV layout, a namespace, cache keys and filled memory objects."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+from kvtier.memory.layout import KVLayout
+from kvtier.memory.memory_obj import MemoryObj
+from kvtier.memory.pool import MemoryPool
+from kvtier.metrics import CacheMetrics
+from kvtier.tokens.keys import CacheKey, Namespace
+
+#: Tokens in a full test chunk: 32 tokens x 128 bytes per token = 4096 bytes, one allocator page.
+CHUNK_TOKENS = 32
+
+MakeKeys = Callable[..., list[CacheKey]]
+MakeObj = Callable[..., MemoryObj]
+
+
+def chunk_content(key_id: bytes, nbytes: int) -> np.ndarray:
+    """The deterministic bytes stored under ``key_id`` (pseudo-random, different for every key)."""
+    seed = int.from_bytes(hashlib.blake2b(key_id, digest_size=16).digest(), "little")
+    return np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+
+
+@pytest.fixture
+def chunk_tokens() -> int:
+    return CHUNK_TOKENS
+
+
+@pytest.fixture
+def layout() -> KVLayout:
+    """2 layers x K/V x 2 heads x head_dim 8, fp16: 128 bytes per token."""
+    return KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16")
+
+
+@pytest.fixture
+def namespace(layout: KVLayout) -> Namespace:
+    return Namespace("test-model", layout.descriptor())
+
+
+@pytest.fixture
+def make_keys(namespace: Namespace) -> MakeKeys:
+    """``make_keys(n, start=0, ns=None)``: ``n`` distinct keys; the same index gives the same chunk hash."""
+
+    def make(n: int, start: int = 0, ns: Namespace | None = None) -> list[CacheKey]:
+        space = ns or namespace
+        return [
+            space.key(hashlib.blake2b(f"chunk-{i}".encode(), digest_size=32).digest()) for i in range(start, start + n)
+        ]
+
+    return make
+
+
+@pytest.fixture
+def metrics() -> CacheMetrics:
+    return CacheMetrics()
+
+
+@pytest.fixture
+def pool() -> Iterator[MemoryPool]:
+    """A 4 MiB pool (1024 full test chunks)."""
+    p = MemoryPool(4 << 20)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def content() -> Callable[[bytes, int], np.ndarray]:
+    """:func:`chunk_content`, for tests that need the expected bytes of a key."""
+    return chunk_content
+
+
+@pytest.fixture
+def make_obj(pool: MemoryPool, layout: KVLayout) -> MakeObj:
+    """``make_obj(key, num_tokens=CHUNK_TOKENS, into=pool)``: a new object (one reference) filled for ``key``."""
+
+    def make(key: CacheKey, num_tokens: int = CHUNK_TOKENS, into: MemoryPool | None = None) -> MemoryObj:
+        obj = (into or pool).allocate(layout, num_tokens)
+        assert obj is not None, "test pool is full"
+        obj.data[:] = chunk_content(key.id, obj.nbytes)
+        return obj
+
+    return make

@@ -1,0 +1,179 @@
+"""Metric primitives: valid Prometheus text, label escaping, cumulative histogram buckets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvtier.metrics import CacheMetrics, Counter, Gauge, Histogram, Registry
+
+
+def parse(text: str) -> dict[str, object]:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def samples(family) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
+
+
+def test_counter_renders_and_parses():
+    """A labelled counter renders one sample per label set; an unlabelled one renders 0 before use."""
+    r = Registry()
+    hits = r.register(Counter("demo_hits_total", "Hits.", ("tier",)))
+    r.register(Counter("demo_calls_total", "Calls."))
+    hits.inc(3, tier="memory")
+    hits.inc(tier="memory")
+    hits.inc(2.5, tier="disk")
+    families = parse(r.render())
+    assert families["demo_hits"].type == "counter"
+    assert families["demo_hits"].documentation == "Hits."
+    assert samples(families["demo_hits"]) == {
+        ("demo_hits_total", (("tier", "disk"),)): 2.5,
+        ("demo_hits_total", (("tier", "memory"),)): 4.0,
+    }
+    assert samples(families["demo_calls"]) == {("demo_calls_total", ()): 0.0}
+    assert hits.value(tier="memory") == 4 and hits.total() == 6.5
+
+
+def test_counter_rejects_decrease_and_bad_labels():
+    """Counters only go up and take exactly their declared labels."""
+    c = Counter("demo_total", "x", ("tier",))
+    with pytest.raises(ValueError):
+        c.inc(-1, tier="memory")
+    with pytest.raises(ValueError):
+        c.inc(1)
+    with pytest.raises(ValueError):
+        c.inc(1, tier="memory", kind="x")
+
+
+def test_gauge_reads_sources_at_render():
+    """A gauge's value comes from its callbacks each time it is collected; later sources win on clashes."""
+    r = Registry()
+    g = r.register(Gauge("demo_used_bytes", "Used.", ("tier",)))
+    state = {"memory": 10}
+    g.add_source(lambda: {(t,): v for t, v in state.items()})
+    g.add_source(lambda: {("disk",): 2**40})
+    assert samples(parse(r.render())["demo_used_bytes"]) == {
+        ("demo_used_bytes", (("tier", "disk"),)): float(2**40),
+        ("demo_used_bytes", (("tier", "memory"),)): 10.0,
+    }
+    state["memory"] = 0.5
+    fam = parse(r.render())["demo_used_bytes"]
+    assert fam.type == "gauge"
+    assert samples(fam)[("demo_used_bytes", (("tier", "memory"),))] == 0.5
+
+
+def test_label_escaping_round_trips():
+    """Backslashes, quotes and newlines in label values are escaped and parse back unchanged."""
+    r = Registry()
+    c = r.register(Counter("demo_errors_total", "Errors.", ("tier", "kind")))
+    nasty = 'a"b\\c\nd'
+    c.inc(tier=nasty, kind="plain")
+    c.inc(tier="x", kind='\\"')
+    text = r.render()
+    assert "\n" not in text.split("demo_errors_total{", 1)[1].split("}", 1)[0]
+    got = samples(parse(text)["demo_errors"])
+    assert got == {
+        ("demo_errors_total", (("kind", "plain"), ("tier", nasty))): 1.0,
+        ("demo_errors_total", (("kind", '\\"'), ("tier", "x"))): 1.0,
+    }
+
+
+def test_histogram_buckets_are_cumulative():
+    """Bucket counts are cumulative, le is inclusive, +Inf equals _count and _sum is the total."""
+    r = Registry()
+    h = r.register(Histogram("demo_seconds", "Latency.", ("tier",), buckets=(0.5, 0.1, 1.0)))
+    assert h.buckets == (0.1, 0.5, 1.0)
+    values = [0.05, 0.1, 0.2, 0.5, 0.7, 3.0, 10.0]
+    for v in values:
+        h.observe(v, tier="disk")
+    h.observe(0.3, tier="memory")
+    fam = parse(r.render())["demo_seconds"]
+    assert fam.type == "histogram"
+    got = samples(fam)
+
+    def buckets(tier: str) -> list[tuple[float, float]]:
+        return [
+            (float(s.labels["le"]), s.value)
+            for s in fam.samples
+            if s.name == "demo_seconds_bucket" and s.labels["tier"] == tier
+        ]
+
+    assert buckets("disk") == [(0.1, 2), (0.5, 4), (1.0, 5), (math.inf, 7)]
+    assert got[("demo_seconds_count", (("tier", "disk"),))] == 7
+    assert got[("demo_seconds_sum", (("tier", "disk"),))] == pytest.approx(sum(values))
+    assert buckets("memory") == [(0.1, 0), (0.5, 1), (1.0, 1), (math.inf, 1)]
+    assert h.count(tier="disk") == 7
+
+
+def test_histogram_buckets_monotonic_for_many_observations():
+    """For any observations the rendered buckets never decrease and end at the count."""
+    r = Registry()
+    h = r.register(Histogram("demo_latency_seconds", "Latency."))
+    values = [10 ** (i / 7 - 5) for i in range(60)]
+    for v in values:
+        h.observe(v)
+    fam = parse(r.render())["demo_latency_seconds"]
+    buckets = [(float(s.labels["le"]), s.value) for s in fam.samples if s.name.endswith("_bucket")]
+    assert [b for b, _ in buckets] == sorted(b for b, _ in buckets) and buckets[-1][0] == math.inf
+    counts = [c for _, c in buckets]
+    assert counts == sorted(counts) and counts[-1] == len(values)
+    for bound, count in buckets:
+        assert count == sum(v <= bound for v in values)
+
+
+def test_unobserved_histogram_renders_only_metadata():
+    """A histogram with no observations renders HELP/TYPE and still parses."""
+    r = Registry()
+    r.register(Histogram("demo_idle_seconds", "Idle."))
+    fam = parse(r.render())["demo_idle_seconds"]
+    assert fam.type == "histogram" and fam.samples == []
+
+
+def test_registry_rejects_duplicates_and_snapshots():
+    """Names are unique; snapshot totals counters, gauges and histogram counts."""
+    r = Registry()
+    c = r.register(Counter("demo_total", "x", ("tier",)))
+    with pytest.raises(ValueError):
+        r.register(Counter("demo_total", "x"))
+    g = r.register(Gauge("demo_gauge", "g", ("tier",)))
+    g.add_source(lambda: {("a",): 1, ("b",): 2})
+    h = r.register(Histogram("demo_seconds", "h"))
+    c.inc(2, tier="a")
+    c.inc(3, tier="b")
+    h.observe(0.1)
+    h.observe(0.2)
+    assert r.snapshot() == {"demo_total": 5, "demo_gauge": 3, "demo_seconds_count": 2}
+
+
+def test_large_and_fractional_values_render():
+    """Integers render without exponent loss; fractions keep full precision."""
+    r = Registry()
+    c = r.register(Counter("demo_bytes_total", "Bytes."))
+    c.inc(2**40)
+    c.inc(0.125)
+    text = r.render()
+    assert "demo_bytes_total 1099511627776.125\n" in text
+    assert samples(parse(text)["demo_bytes"])[("demo_bytes_total", ())] == 2**40 + 0.125
+    c.inc(2**60)
+    assert f"demo_bytes_total {2**60 + 2**40}\n" in r.render()
+
+
+def test_cache_metrics_render_parses():
+    """A fresh CacheMetrics renders valid text naming every declared family."""
+    m = CacheMetrics()
+    m.hit_tokens.inc(5, tier="memory")
+    m.errors.inc(tier="disk", kind="corrupt")
+    m.lookup_seconds.observe(0.001)
+    families = parse(m.render())
+    for name in (
+        "kvtier_lookup_requests",
+        "kvtier_retrieve_hit_tokens",
+        "kvtier_errors",
+        "kvtier_lookup_seconds",
+        "kvtier_tier_used_bytes",
+        "kvtier_active_leases",
+    ):
+        assert name in families
