@@ -136,7 +136,7 @@ class CacheEngine:
             else []
         )
         new = [(c, k) for (c, k), p in zip(todo, present, strict=True) if not p]
-        objs = self._allocate([c for c, _ in new])
+        objs = self._allocate([c for c, _ in new], source)
         try:
             copies = [partial(source.read_into, obj, c.start, c.end) for (c, _), obj in zip(new, objs, strict=False)]
             self._wait(self._copy_all(copies, source))
@@ -172,10 +172,12 @@ class CacheEngine:
             if error is not None:
                 raise error
 
-    def _allocate(self, chunks: Sequence[Chunk]) -> list[MemoryObj]:
+    def _allocate(self, chunks: Sequence[Chunk], source: KVSource) -> list[MemoryObj]:
+        address_of = getattr(source, "address_of", None)
         objs: list[MemoryObj] = []
         for chunk in chunks:
-            obj = self.storage.allocate(self.layout, chunk.num_tokens)
+            hint = address_of(chunk.start) if address_of is not None else None
+            obj = self.storage.allocate(self.layout, chunk.num_tokens, hint)
             if obj is None:
                 break
             objs.append(obj)

@@ -57,6 +57,10 @@ class ArrayKV:
         self.array = array
         self.num_tokens = array.shape[2]
 
+    def address_of(self, start: int) -> int:
+        """Address of token ``start``'s KV in layer 0 (so chunk memory can share its alignment)."""
+        return int(self.array.ctypes.data) + start * self.array.strides[2]
+
     def read_into(self, obj: MemoryObj, start: int, end: int) -> None:
         np.copyto(obj.array(), self.array[:, :, start:end])
 
@@ -85,6 +89,12 @@ class TorchKV:
         self.tensor = tensor
         self.num_tokens = int(tensor.shape[2])
         self._cuda = tensor.device.type == "cuda"
+
+    def address_of(self, start: int) -> int | None:
+        """Address of token ``start``'s KV in layer 0 for a CPU tensor (DMA to a GPU does not care)."""
+        if self._cuda:
+            return None
+        return int(self.tensor.data_ptr()) + start * self.tensor.stride(2) * self.tensor.element_size()
 
     def read_into(self, obj: MemoryObj, start: int, end: int) -> None:
         obj.tensor().copy_(self.tensor[:, :, start:end], non_blocking=self._cuda)

@@ -20,10 +20,11 @@ class MemoryObj:
     while being read stays valid until the reader is done.
     """
 
-    __slots__ = ("_array", "_tensor", "data", "layout", "nbytes", "num_tokens", "offset", "pool", "refcount")
+    __slots__ = ("_array", "_tensor", "block", "data", "layout", "nbytes", "num_tokens", "offset", "pool", "refcount")
 
-    def __init__(self, pool: MemoryPool, offset: int, layout: KVLayout, num_tokens: int) -> None:
+    def __init__(self, pool: MemoryPool, block: int, offset: int, layout: KVLayout, num_tokens: int) -> None:
         self.pool = pool
+        self.block = block  # the allocator range holding the object; the data starts at ``offset`` in it
         self.offset = offset
         self.layout = layout
         self.num_tokens = num_tokens

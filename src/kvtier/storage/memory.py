@@ -61,13 +61,14 @@ class MemoryTier(StorageTier):
                 if key in self._entries:
                     self.policy.touch(key)
 
-    def allocate(self, layout: KVLayout, num_tokens: int) -> MemoryObj | None:
-        """A new object from the pool, evicting unpinned chunks until it fits; None if it cannot."""
+    def allocate(self, layout: KVLayout, num_tokens: int, align_like: int | None = None) -> MemoryObj | None:
+        """A new object from the pool, evicting unpinned chunks until it fits; None if it cannot.
+        ``align_like``: see :meth:`MemoryPool.allocate`."""
         if not self.pool.fits(layout.chunk_bytes(num_tokens)):
             return None
         with self._lock:
             while True:
-                obj = self.pool.allocate(layout, num_tokens)
+                obj = self.pool.allocate(layout, num_tokens, align_like)
                 if obj is not None:
                     return obj
                 victim = self.policy.victim(lambda k: not self._pins.is_pinned(k))

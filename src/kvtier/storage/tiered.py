@@ -64,10 +64,10 @@ class TieredStorage:
         m.pinned_chunks.add_source(lambda: {(t.name,): t.usage().pinned_chunks for t in self.tiers})
         m.queued_write_bytes.add_source(lambda: {(n,): w.queued_bytes for n, w in self.writers.items()})
 
-    def allocate(self, layout: KVLayout, num_tokens: int) -> MemoryObj | None:
+    def allocate(self, layout: KVLayout, num_tokens: int, align_like: int | None = None) -> MemoryObj | None:
         if self.memory is not None:
-            return self.memory.allocate(layout, num_tokens)
-        return self.pool.allocate(layout, num_tokens)
+            return self.memory.allocate(layout, num_tokens, align_like)
+        return self.pool.allocate(layout, num_tokens, align_like)
 
     def locate(self, keys: Sequence[CacheKey]) -> list[StorageTier]:
         """For the longest prefix of ``keys`` held by some tier, the first (fastest) tier holding each key."""
