@@ -94,33 +94,36 @@ def store_and_retrieve(config, layout: KVLayout, tokens: int, reps: int, contain
     return store_times, retrieve_times
 
 
-def raw_disk_limit(directory: Path, nbytes: int, files: int, reps: int) -> tuple[dict, dict]:
-    """Write then cold-read ``files`` files of ``nbytes / files`` bytes each, like one chunk per file."""
+def raw_disk_limit(directory: Path, nbytes: int, files: int, reps: int, threads: int) -> tuple[float, float]:
+    """Best GB/s of writing, then cold-reading, ``files`` files of ``nbytes / files`` bytes each (one chunk per
+    file), by one thread and by ``threads`` threads (a device may need several requests in flight)."""
     size = nbytes // files
     data = np.ones(size, np.uint8)
-    buf = np.empty(size, np.uint8)
+    buffers = [np.empty(size, np.uint8) for _ in range(files)]
     paths = [directory / f"raw{i}" for i in range(files)]
 
-    def write() -> None:
-        for path in paths:
-            with open(path, "wb", buffering=0) as f:
-                f.write(memoryview(data))
+    def write(i: int) -> None:
+        with open(paths[i], "wb", buffering=0) as f:
+            f.write(memoryview(data))
 
-    def read() -> None:
-        for path in paths:
-            with open(path, "rb", buffering=0) as f:
-                f.readinto(memoryview(buf))
+    def read(i: int) -> None:
+        with open(paths[i], "rb", buffering=0) as f:
+            f.readinto(memoryview(buffers[i]))
 
-    write_s = summary(timed(write, reps), nbytes)
-    read_s = summary(timed(read, reps, setup=lambda: drop_file_cache(paths)), nbytes)
+    best_write = best_read = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for run in (lambda fn: [fn(i) for i in range(files)], lambda fn: list(pool.map(fn, range(files)))):
+            best_write = max(best_write, summary(timed(lambda r=run: r(write), reps), nbytes)["gbps"])
+            cold = summary(timed(lambda r=run: r(read), reps, setup=lambda: drop_file_cache(paths)), nbytes)
+            best_read = max(best_read, cold["gbps"])
     for path in paths:
         path.unlink()
-    return write_s, read_s
+    return best_write, best_read
 
 
 def bench_disk(shape: str, layout: KVLayout, tokens: int, chunk: int, reps: int, root: Path) -> None:
     nbytes = layout.chunk_bytes(tokens)
-    raw_write, raw_read = raw_disk_limit(root, nbytes, tokens // chunk, reps)
+    raw_write, raw_read = raw_disk_limit(root, nbytes, tokens // chunk, reps, threads=4)
     disk = root / "tier"
     config = load_config(
         env={},
@@ -158,8 +161,8 @@ def bench_disk(shape: str, layout: KVLayout, tokens: int, chunk: int, reps: int,
             **base,
             "op": "store_until_written",
             **s,
-            "raw_write_gbps": raw_write["gbps"],
-            "ratio_to_raw": s["gbps"] / raw_write["gbps"],
+            "raw_write_gbps": raw_write,
+            "ratio_to_raw": s["gbps"] / raw_write,
         }
     )
     s = summary(read_times, nbytes)
@@ -168,8 +171,8 @@ def bench_disk(shape: str, layout: KVLayout, tokens: int, chunk: int, reps: int,
             **base,
             "op": "retrieve_cold",
             **s,
-            "raw_cold_read_gbps": raw_read["gbps"],
-            "ratio_to_raw": s["gbps"] / raw_read["gbps"],
+            "raw_cold_read_gbps": raw_read,
+            "ratio_to_raw": s["gbps"] / raw_read,
         }
     )
 

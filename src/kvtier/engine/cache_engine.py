@@ -82,7 +82,8 @@ class CacheEngine:
 
     # -- lookup -------------------------------------------------------------------------------------
     def lookup(self, tokens: Any, *, cache_salt: str = "", pin: bool = False) -> LookupResult:
-        """Length of the longest cached prefix of ``tokens``; does not modify the cache.
+        """Length of the longest cached prefix of ``tokens``. Adds or removes nothing; it counts as a use of
+        the prefix for eviction (tail first, so the head is kept longest).
 
         With ``pin=True`` the prefix's chunks are pinned under a :class:`Lease` (in the result) until
         :meth:`release` or ``pin_timeout_sec``, so a following retrieve finds them.
