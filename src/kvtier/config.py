@@ -37,6 +37,7 @@ ENV_PREFIXES = ("KVTIER_", "LMCACHE_")  # later wins over earlier: KVTIER_ is ap
 # value is an error naming the option, never silently ignored. ANY: kvtier's behaviour already covers it.
 ANY = object()
 LMCACHE_INERT_OPTIONS: dict[str, Any] = {
+    "blocking_timeout_secs": ANY,  # kvtier's remote_timeout_sec: a slow store becomes misses, not waits
     "enable_async_loading": False,
     "enable_blending": False,
     "enable_controller": False,
@@ -83,6 +84,32 @@ class KVTierConfig:
     """fsync each chunk file before renaming it into place (slower; checksums already catch torn files)."""
     remote_url: str | None = None
     """URL of a remote tier (a scheme registered in ``kvtier.storage.registry``)."""
+    remote_timeout_sec: float = 2.0
+    """Per-operation timeout of the remote tier (connect, read, write); a timeout is a miss."""
+    remote_circuit_failures: int = 3
+    """Consecutive remote failures after which the remote tier serves fast misses instead of waiting."""
+    remote_circuit_cooldown_sec: float = 5.0
+    """Seconds of fast misses before the remote tier is probed again (it recovers by itself)."""
+    remote_admit_after_hits: int = 0
+    """Write a chunk to the remote tier only once it has been hit this many times (0: on store)."""
+    remote_ttl_sec: float = 0.0
+    """Expire chunks in the remote store after this many seconds where the store supports it (0: never)."""
+    remote_prefix: str = "kvtier"
+    """Prefix of every name kvtier writes in the remote store."""
+    remote_delete_corrupt: bool = True
+    """Delete a remote chunk that fails verification (it is a miss either way)."""
+    remote_max_connections: int = 16
+    """Connections (Redis pool) or parallel requests (S3) per remote tier."""
+    recompute_tokens_per_sec: float = 0.0
+    """Prefill speed of the engine: a fetch estimated slower than recomputing is skipped (0: always fetch)."""
+    s3_endpoint_url: str | None = None
+    """S3-compatible endpoint (e.g. http://127.0.0.1:8333); None: AWS."""
+    s3_region: str | None = None
+    """S3 region; None: from the AWS environment/config."""
+    s3_access_key_id: str | None = None
+    """S3 access key; None: the standard AWS chain (AWS_ACCESS_KEY_ID, ~/.aws, ...)."""
+    s3_secret_access_key: str | None = None
+    """S3 secret key; None: the standard AWS chain."""
     max_background_write_size: float = 1.0
     """GiB of chunks that may wait to be written to slower tiers; beyond it writes are dropped."""
     pin_timeout_sec: float = 300.0
@@ -100,7 +127,19 @@ class KVTierConfig:
         self._check_positive("chunk_size", self.chunk_size)
         self._check_positive("read_workers", self.read_workers)
         self._check_positive("copy_threads", self.copy_threads)
-        for name in ("max_local_cpu_size", "max_local_disk_size", "max_background_write_size", "pin_timeout_sec"):
+        for name in ("remote_circuit_failures", "remote_max_connections"):
+            self._check_positive(name, getattr(self, name))
+        for name in (
+            "max_local_cpu_size",
+            "max_local_disk_size",
+            "max_background_write_size",
+            "pin_timeout_sec",
+            "remote_timeout_sec",
+            "remote_circuit_cooldown_sec",
+            "remote_ttl_sec",
+            "recompute_tokens_per_sec",
+            "remote_admit_after_hits",
+        ):
             value = getattr(self, name)
             if not value >= 0:  # also rejects NaN
                 raise ConfigError(f"{name} must be >= 0, got {value!r}")

@@ -197,6 +197,12 @@ class CacheMetrics:
         self.read_seconds = _h(r, "kvtier_tier_read_seconds", "Latency of one chunk read from a tier.", tier)
         self.write_seconds = _h(r, "kvtier_tier_write_seconds", "Latency of one chunk write to a tier.", tier)
         self.evictions = _c(r, "kvtier_evictions_total", "Chunks evicted from a tier.", tier)
+        self.fetch_skipped_tokens = _c(
+            r,
+            "kvtier_fetch_skipped_tokens_total",
+            "Cached tokens not read because recomputing was estimated faster.",
+            tier,
+        )
         self.promotions = _c(r, "kvtier_promotions_total", "Chunks copied up into memory after a hit in a slower tier.")
         self.errors = _c(
             r,

@@ -26,6 +26,7 @@ from kvtier.errors import LayoutError
 from kvtier.memory.layout import KVLayout
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.metrics import CacheMetrics
+from kvtier.storage.base import StorageTier
 from kvtier.storage.registry import build_storage
 from kvtier.tokens.chunking import Chunk, Chunker
 from kvtier.tokens.keys import CacheKey, Namespace
@@ -92,7 +93,7 @@ class CacheEngine:
         self.leases.expire()
         num_tokens = _token_count(tokens)
         chunks, keys = self.chunk_keys(tokens, cache_salt)
-        sources = self.storage.locate(keys)
+        sources = self._locate(chunks, keys)
         hit = chunks[len(sources) - 1].end if sources else 0
         lease = None
         if pin and sources:
@@ -107,6 +108,17 @@ class CacheEngine:
         for chunk, tier in zip(chunks, sources, strict=False):
             tiers[tier.name] += chunk.num_tokens
         return LookupResult(hit, num_tokens, dict(tiers), lease)
+
+    def _locate(self, chunks: Sequence[Chunk], keys: Sequence[CacheKey]) -> list[StorageTier]:
+        """Where the longest cached prefix lives, cut where fetching would be slower than recomputing."""
+        sources = self.storage.locate(keys)
+        end = self.storage.affordable_prefix(
+            sources,
+            [c.num_tokens for c in chunks],
+            [self.layout.chunk_bytes(c.num_tokens) for c in chunks],
+            self.config.recompute_tokens_per_sec,
+        )
+        return sources[:end]
 
     def release(self, lease: Lease | int) -> bool:
         """Release a lookup lease's pins; False if it was already released or had expired."""
@@ -221,7 +233,7 @@ class CacheEngine:
         dest = as_destination(out, self.layout) if out is not None else None
         limit = getattr(dest, "num_tokens", num_tokens)
         wanted = [(c, k) for c, k in zip(chunks, keys, strict=True) if c.start >= skip and c.end <= limit]
-        sources = self.storage.locate([k for _, k in wanted])
+        sources = self._locate([c for c, _ in wanted], [k for _, k in wanted])
         wanted = wanted[: len(sources)]
         if dest is None:  # a new array for the located prefix; trimmed below if a chunk fails to read
             end = wanted[-1][0].end if wanted else 0
@@ -283,7 +295,7 @@ class CacheEngine:
         return self._prefetcher.submit(self._prefetch, chunks, keys)
 
     def _prefetch(self, chunks: list[Chunk], keys: list[CacheKey]) -> int:
-        sources = self.storage.locate(keys)
+        sources = self._locate(chunks, keys)
         slow = [i for i, t in enumerate(sources) if t is not self.storage.memory]
         if not slow or self.storage.memory is None:
             return chunks[len(sources) - 1].end if sources else 0

@@ -37,6 +37,9 @@ class StorageTier(ABC):
     name: str = ""
     #: True when ``contains`` is a cheap in-process check (no I/O); the tiered store relies on it.
     is_local: bool = True
+    #: Write a chunk here only once it has been hit this many times (0: on store). Keeps one-off prompts
+    #: out of a shared remote store.
+    admit_after_hits: int = 0
 
     @abstractmethod
     def contains(self, key: CacheKey) -> bool:
@@ -48,6 +51,14 @@ class StorageTier(ABC):
     @abstractmethod
     def get(self, key: CacheKey, allocate: Allocate) -> MemoryObj | None:
         """The chunk, verified, with one reference owned by the caller; None on a miss or a bad chunk."""
+
+    def get_many(self, keys: Sequence[CacheKey], allocate: Allocate) -> list[MemoryObj | None]:
+        """:meth:`get` for many keys; tiers with batched reads (one round trip) override it."""
+        return [self.get(k, allocate) for k in keys]
+
+    def fetch_seconds(self, nbytes: int) -> float | None:
+        """Estimated time to read ``nbytes`` from this tier, if it measures that (remote tiers do)."""
+        return None
 
     @abstractmethod
     def put(self, key: CacheKey, obj: MemoryObj) -> bool:

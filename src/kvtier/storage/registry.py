@@ -20,7 +20,17 @@ from kvtier.storage.memory import MemoryTier
 from kvtier.storage.tiered import TieredStorage
 
 #: URL scheme -> "module:factory"; a factory takes ``(url, config, metrics)`` and returns a StorageTier.
-REMOTE_TIERS: dict[str, str] = {}
+REMOTE_TIERS: dict[str, str] = {
+    "redis": "kvtier.storage.redis:create_redis_tier",
+    "redis-cluster": "kvtier.storage.redis:create_redis_tier",
+    "redis-sentinel": "kvtier.storage.redis:create_redis_tier",
+    "rediss": "kvtier.storage.redis:create_redis_tier",
+    "s3": "kvtier.storage.s3:create_s3_tier",
+    "valkey": "kvtier.storage.redis:create_redis_tier",
+    "valkeys": "kvtier.storage.redis:create_redis_tier",
+}
+#: Extra to install when a scheme's client library is missing.
+REMOTE_EXTRAS = {"s3": "s3"}
 
 
 def create_remote_tier(url: str, config: KVTierConfig, metrics: CacheMetrics) -> StorageTier:
@@ -30,7 +40,11 @@ def create_remote_tier(url: str, config: KVTierConfig, metrics: CacheMetrics) ->
         known = ", ".join(sorted(REMOTE_TIERS)) or "none in this build"
         raise ConfigError(f"remote_url: no remote tier for scheme {scheme!r} (available: {known})")
     module_name, _, factory_name = target.partition(":")
-    factory = getattr(importlib.import_module(module_name), factory_name)
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except ImportError as exc:
+        extra = REMOTE_EXTRAS.get(scheme, "redis")
+        raise ConfigError(f"remote_url {scheme}:// needs {exc.name}: pip install 'kvtier[{extra}]'") from None
     return factory(url, config, metrics)  # type: ignore[no-any-return]
 
 

@@ -9,6 +9,8 @@ stores into memory synchronously and into every slower tier in the background.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +25,12 @@ from kvtier.storage.writer import BackgroundWriter
 from kvtier.tokens.keys import CacheKey
 
 log = logging.getLogger(__name__)
+
+
+# Hit counts kept for admission rules (``admit_after_hits``); beyond this the least recent are forgotten.
+MAX_TRACKED_HITS = 1 << 20
+# A chunk being read: from memory at once, or (a read of several chunks in flight, position in it).
+Pending = MemoryObj | tuple[Future[list[MemoryObj | None]], int] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +62,8 @@ class TieredStorage:
         self.metrics = metrics
         self.writers = {t.name: BackgroundWriter(t, max_queued_bytes, metrics) for t in self.lower}
         self._readers = ThreadPoolExecutor(read_workers, thread_name_prefix="kvtier-read")
+        self._hits: OrderedDict[bytes, int] = OrderedDict()
+        self._hits_lock = threading.Lock()
         self._register_gauges()
 
     def _register_gauges(self) -> None:
@@ -112,10 +122,7 @@ class TieredStorage:
         chunks after it.
         """
         pins = self.pin(keys, sources)
-        pending: list[Future[MemoryObj | None] | MemoryObj | None] = [
-            tier.get(key, self.allocate) if tier is self.memory else self._readers.submit(self._read_slow, key, tier)
-            for key, tier in zip(keys, sources, strict=True)
-        ]
+        pending = self._start_reads(keys, sources)
         objs: list[MemoryObj] = []
         names: list[str] = []
         promoted: list[tuple[CacheKey, MemoryObj]] = []
@@ -144,20 +151,55 @@ class TieredStorage:
             self.unpin(pins)
         self.touch(keys[: len(objs)])
         self._promote(promoted)
+        self._admit_hits(keys[: len(objs)], objs)
         return ReadChunks(objs, names)
 
-    def _read_slow(self, key: CacheKey, tier: StorageTier) -> MemoryObj | None:
+    def _start_reads(self, keys: Sequence[CacheKey], sources: Sequence[StorageTier]) -> list[Pending]:
+        """Memory hits now; local slower tiers one chunk per reader thread; each remote tier one batched call."""
+        pending: list[Pending] = [None] * len(keys)
+        groups: dict[object, list[int]] = {}
+        for i, (key, tier) in enumerate(zip(keys, sources, strict=True)):
+            if tier is self.memory:
+                pending[i] = tier.get(key, self.allocate)
+            else:  # a disk reads chunks in parallel; a remote store answers a batch in one round trip
+                groups.setdefault(i if tier.is_local else id(tier), []).append(i)
+        for positions in groups.values():
+            batch = self._readers.submit(self._read_slow, [keys[i] for i in positions], sources[positions[0]])
+            for n, i in enumerate(positions):
+                pending[i] = (batch, n)
+        return pending
+
+    def _read_slow(self, keys: list[CacheKey], tier: StorageTier) -> list[MemoryObj | None]:
+        """Read ``keys`` from ``tier``; a failing tier gives misses, never an error."""
         try:
-            return tier.get(key, self.allocate)
-        except Exception as exc:  # a failing tier is a miss, never an error for the caller
-            log.warning("read of %s from %s failed: %s", key.to_str(), tier.name, exc)
+            return tier.get_many(keys, self.allocate)
+        except Exception as exc:
+            log.warning("read of %d chunks from %s failed: %s", len(keys), tier.name, exc)
             self.metrics.errors.inc(tier=tier.name, kind="read_failed")
-            return None
+            return [None] * len(keys)
+
+    def _admit_hits(self, keys: Sequence[CacheKey], objs: Sequence[MemoryObj]) -> None:
+        """Count hits; a chunk reaching a tier's ``admit_after_hits`` is written there now."""
+        gated = [w for w in self.writers.values() if w.tier.admit_after_hits > 0]
+        if not gated or not keys:
+            return
+        with self._hits_lock:
+            counts = []
+            for key in keys:
+                count = self._hits.pop(key.id, 0) + 1
+                self._hits[key.id] = count  # most recent last; the oldest are forgotten first
+                counts.append(count)
+            while len(self._hits) > MAX_TRACKED_HITS:
+                self._hits.popitem(last=False)
+        for writer in gated:
+            due = [(k, o) for k, o, c in zip(keys, objs, counts, strict=True) if c == writer.tier.admit_after_hits]
+            if due:
+                writer.submit([k for k, _ in due], [o for _, o in due])
 
     def _read_fallback(self, key: CacheKey, failed: StorageTier) -> tuple[MemoryObj | None, StorageTier]:
         for tier in self.tiers:
-            if tier is not failed and tier.contains(key):
-                obj = self._read_slow(key, tier)
+            if tier is not failed and tier.is_local and tier.contains(key):
+                obj = self._read_slow([key], tier)[0]
                 if obj is not None:
                     return obj, tier
         return None, failed
@@ -178,8 +220,32 @@ class TieredStorage:
         return stored
 
     def submit_lower(self, keys: Sequence[CacheKey], objs: Sequence[MemoryObj]) -> None:
+        """Queue chunks for every slower tier that takes them on store (see ``admit_after_hits``)."""
         for writer in self.writers.values():
-            writer.submit(keys, objs)
+            if writer.tier.admit_after_hits == 0:
+                writer.submit(keys, objs)
+
+    def affordable_prefix(
+        self,
+        sources: Sequence[StorageTier],
+        tokens: Sequence[int],
+        nbytes: Sequence[int],
+        recompute_tokens_per_sec: float,
+    ) -> int:
+        """How many located chunks are worth reading: a tier's chunks are skipped (and the prefix ends at the
+        first of them) when reading them is estimated slower than recomputing their tokens at
+        ``recompute_tokens_per_sec`` (0: always read)."""
+        if recompute_tokens_per_sec <= 0:
+            return len(sources)
+        end = len(sources)
+        for tier in {id(t): t for t in sources}.values():
+            mine = [i for i, t in enumerate(sources) if t is tier]
+            fetch = tier.fetch_seconds(sum(nbytes[i] for i in mine))
+            if fetch is not None and fetch > sum(tokens[i] for i in mine) / recompute_tokens_per_sec:
+                end = min(end, mine[0])
+        for i in range(end, len(sources)):
+            self.metrics.fetch_skipped_tokens.inc(tokens[i], tier=sources[i].name)
+        return end
 
     def pin(self, keys: Sequence[CacheKey], sources: Sequence[StorageTier]) -> list[tuple[StorageTier, list[CacheKey]]]:
         """Pin each key in the tier it was located in; return what to hand to :meth:`unpin`."""
@@ -214,8 +280,11 @@ class TieredStorage:
         self.pool.close()
 
 
-def _resolve(item: Future[MemoryObj | None] | MemoryObj | None) -> MemoryObj | None:
-    return item.result() if isinstance(item, Future) else item
+def _resolve(item: Pending) -> MemoryObj | None:
+    if isinstance(item, tuple):  # (read of a batch of chunks, position in it)
+        batch, position = item
+        return batch.result()[position]
+    return item
 
 
 def _release(obj: MemoryObj | None) -> None:

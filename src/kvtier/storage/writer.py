@@ -40,7 +40,8 @@ class BackgroundWriter:
         queued = 0
         with self._cond:
             for key, obj in zip(keys, objs, strict=True):
-                if self._closed or key.id in self._queued_ids or self.tier.contains(key):
+                # A remote tier's contains is a round trip: asked on the writer thread, not the caller's.
+                if self._closed or key.id in self._queued_ids or (self.tier.is_local and self.tier.contains(key)):
                     continue
                 if self.queued_bytes + obj.nbytes > self.max_queued_bytes:
                     self.metrics.errors.inc(tier=self.tier.name, kind="write_dropped")
@@ -63,7 +64,8 @@ class BackgroundWriter:
                 key, obj = self._queue.popleft()
                 self._busy = True
             try:
-                self.tier.put(key, obj)
+                if self.tier.is_local or not self.tier.contains(key):
+                    self.tier.put(key, obj)
             except Exception as exc:  # a failing tier must not kill the writer
                 log.warning("background write to %s failed: %s", self.tier.name, exc)
                 self.metrics.errors.inc(tier=self.tier.name, kind="write_failed")
