@@ -28,6 +28,7 @@ from kvtier.memory.memory_obj import MemoryObj
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.base import StorageTier
 from kvtier.storage.registry import build_storage
+from kvtier.storage.tiered import TieredStorage
 from kvtier.tokens.chunking import Chunk, Chunker
 from kvtier.tokens.keys import CacheKey, Namespace
 
@@ -48,14 +49,18 @@ class CacheEngine:
         world_size: int = 1,
         rank: int = 0,
         metrics: CacheMetrics | None = None,
+        storage: TieredStorage | None = None,
     ) -> None:
+        """``storage``: tiers shared with other engines (a server holds many models in one budget); by
+        default the engine builds its own from ``config`` and closes it with itself."""
         self.config = config
         self.layout = layout
-        self.metrics = metrics or CacheMetrics()
+        self.metrics = storage.metrics if storage is not None else metrics or CacheMetrics()
         self.chunker = Chunker(config.chunk_size, config.save_unfull_chunk)
         self._base_namespace = Namespace(model_name, layout.descriptor(), world_size, rank)
         self._namespaces: dict[str, Namespace] = {"": self._base_namespace}
-        self.storage = build_storage(config, self.metrics)
+        self._owns_storage = storage is None
+        self.storage = build_storage(config, self.metrics) if storage is None else storage
         self.leases = LeaseTable(config.pin_timeout_sec, self.storage.unpin)
         self.metrics.active_leases.add_source(lambda: {(): len(self.leases)})
         self._closed = False
@@ -327,7 +332,8 @@ class CacheEngine:
         if self._copiers is not None:
             self._copiers.shutdown(wait=True)
         self.leases.release_all()
-        self.storage.close()
+        if self._owns_storage:
+            self.storage.close()
 
     def __enter__(self) -> CacheEngine:
         return self
