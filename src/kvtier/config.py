@@ -110,6 +110,26 @@ class KVTierConfig:
     """S3 access key; None: the standard AWS chain (AWS_ACCESS_KEY_ID, ~/.aws, ...)."""
     s3_secret_access_key: str | None = None
     """S3 secret key; None: the standard AWS chain."""
+    host: str = "127.0.0.1"
+    """Address the server's data plane (ZMQ) binds to."""
+    port: int = 5555
+    """Port of the server's data plane."""
+    http_host: str = "127.0.0.1"
+    """Address of the server's HTTP admin and metrics endpoint."""
+    http_port: int = 8080
+    """Port of the HTTP admin and metrics endpoint (0: none)."""
+    server_workers: int = 4
+    """Threads executing requests in the server."""
+    server_max_inflight: int = 64
+    """Requests the server accepts at once; beyond it clients are told to back off (status BUSY)."""
+    server_max_request_mb: int = 2048
+    """Largest request message in MiB; larger ones are dropped by the transport."""
+    server_max_tokens: int = 1 << 20
+    """Most tokens one request may carry."""
+    server_auth_token: str | None = None
+    """Shared secret required on the data plane and on mutating admin endpoints (None: no auth)."""
+    server_auth_token_file: str | None = None
+    """File holding the shared secret (read at start), instead of ``server_auth_token``."""
     max_background_write_size: float = 1.0
     """GiB of chunks that may wait to be written to slower tiers; beyond it writes are dropped."""
     pin_timeout_sec: float = 300.0
@@ -127,7 +147,14 @@ class KVTierConfig:
         self._check_positive("chunk_size", self.chunk_size)
         self._check_positive("read_workers", self.read_workers)
         self._check_positive("copy_threads", self.copy_threads)
-        for name in ("remote_circuit_failures", "remote_max_connections"):
+        for name in (
+            "remote_circuit_failures",
+            "remote_max_connections",
+            "server_workers",
+            "server_max_inflight",
+            "server_max_request_mb",
+            "server_max_tokens",
+        ):
             self._check_positive(name, getattr(self, name))
         for name in (
             "max_local_cpu_size",
@@ -155,6 +182,9 @@ class KVTierConfig:
             object.__setattr__(self, "local_disk", self.local_disk.removeprefix("file://") or None)
             if self.max_local_disk_size <= 0:
                 raise ConfigError("max_local_disk_size must be > 0 when local_disk is set")
+        for name in ("port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{name} must be a TCP port (0-65535), got {getattr(self, name)!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"log_level: unknown level {self.log_level!r}")
 
@@ -162,6 +192,15 @@ class KVTierConfig:
     def _check_positive(name: str, value: int) -> None:
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value!r}")
+
+    def auth_token(self) -> str | None:
+        """The server's shared secret, from ``server_auth_token`` or ``server_auth_token_file``."""
+        if self.server_auth_token_file:
+            try:
+                return Path(self.server_auth_token_file).read_text().strip() or None
+            except OSError as exc:
+                raise ConfigError(f"server_auth_token_file: cannot read it: {exc}") from None
+        return self.server_auth_token or None
 
     @property
     def local_cpu_bytes(self) -> int:
@@ -197,12 +236,13 @@ def load_config(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> KVTierConfig:
     """Build the configuration: defaults < YAML (``config_file`` or ``$KVTIER_CONFIG_FILE`` /
     ``$LMCACHE_CONFIG_FILE``) < ``LMCACHE_<KEY>`` < ``KVTIER_<KEY>`` < ``overrides`` (CLI flags; None values
-    are ignored)."""
+    are ignored). ``defaults`` replace built-in defaults (a command's own, e.g. the server's disk tier)."""
     env = os.environ if env is None else env
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {k: _coerce(k, v) for k, v in (defaults or {}).items() if _check_key(k, "defaults", v)}
     path = config_file or next((env[v] for v in CONFIG_FILE_VARIABLES if env.get(v)), None)
     if path:
         values.update(_read_yaml(Path(path)))

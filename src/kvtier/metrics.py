@@ -238,3 +238,16 @@ def _h(r: Registry, name: str, help_text: str, labels: Iterable[str] = ()) -> Hi
 
 def _g(r: Registry, name: str, help_text: str, labels: Iterable[str] = ()) -> Gauge:
     return r.register(Gauge(name, help_text, labels))  # type: ignore[return-value]
+
+
+class ServerMetrics:
+    """The cache server's own metrics, registered next to the cache's (one ``/metrics`` page)."""
+
+    def __init__(self, registry: Registry) -> None:
+        r = registry
+        self.requests = _c(r, "kvtier_server_requests_total", "Requests by op and status.", ("op", "status"))
+        self.request_seconds = _h(r, "kvtier_server_request_seconds", "Time to serve a request, by op.", ("op",))
+        self.received_bytes = _c(r, "kvtier_server_received_bytes_total", "Bytes received on the data plane.")
+        self.sent_bytes = _c(r, "kvtier_server_sent_bytes_total", "Bytes sent on the data plane.")
+        self.clients = _g(r, "kvtier_server_connected_clients", "Clients seen in the last 60 seconds.")
+        self.inflight = _g(r, "kvtier_server_inflight_requests", "Requests being served now.")

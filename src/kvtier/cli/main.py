@@ -28,9 +28,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, defaults: dict[str, object] | None = None) -> KVTierConfig:
     """The config for a subcommand: ``defaults`` (the subcommand's own) < file < env < flags."""
-    overrides = dict(defaults or {})
-    overrides.update({n: getattr(args, f"cfg_{n}") for n in FIELDS if getattr(args, f"cfg_{n}") is not None})
-    return load_config(args.config, overrides=overrides)
+    overrides = {n: getattr(args, f"cfg_{n}") for n in FIELDS if getattr(args, f"cfg_{n}") is not None}
+    return load_config(args.config, overrides=overrides, defaults=defaults)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,11 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(show)
     show.set_defaults(run=_show_config)
 
+    serve = commands.add_parser("server", help="run the cache server (ZMQ data plane, HTTP admin + metrics)")
+    add_config_flags(serve)
+    # LMCache's server flags, for its users: same meaning, other names.
+    serve.add_argument("--l1-size-gb", dest="cfg_max_local_cpu_size", metavar="GB", help="= --max-local-cpu-size")
+    serve.add_argument("--eviction-policy", dest="cfg_cache_policy", metavar="NAME", help="= --cache-policy")
+    serve.set_defaults(run=_run_server)
+
     check = commands.add_parser("selfcheck", help="store and retrieve KV through every configured tier and time it")
     selfcheck.add_arguments(check)
     add_config_flags(check)
     check.set_defaults(run=selfcheck.run)
     return parser
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    from kvtier.server.main import SERVER_DEFAULTS, run_server
+
+    return run_server(config_from_args(args, SERVER_DEFAULTS))
 
 
 def _show_config(args: argparse.Namespace) -> int:

@@ -1,0 +1,190 @@
+"""Blocking client of ``kvtier server``: one model/layout/rank per client, thread-safe, self-healing.
+
+Requests go over a ZMQ DEALER socket with a request id; a reply that does not arrive within ``timeout`` is
+retried with exponential backoff (every op is safe to repeat: stores deduplicate), and each retry uses a fresh
+socket, so a request queued for a dead server is never delivered late and a restarted server is reached
+again. When every attempt fails the call raises :class:`ServerUnavailable`; callers that prefer a miss catch it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from kvtier.errors import KVTierError, LayoutError
+from kvtier.memory.layout import KVLayout
+from kvtier.protocol import Message, Op, Status, decode, encode, layout_to_meta
+from kvtier.tokens.hashing import token_bytes
+
+
+class ServerUnavailable(KVTierError):
+    """No reply from the server after every retry."""
+
+
+class ServerError(KVTierError):
+    """The server answered with an error status."""
+
+    def __init__(self, status: Status, message: str) -> None:
+        super().__init__(f"{status.name}: {message}")
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteLookup:
+    hit_tokens: int
+    tiers: dict[str, int]
+    lease: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteStore:
+    stored_tokens: int
+    skipped_tokens: int
+    dropped_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteRetrieve:
+    hit_tokens: int
+    loaded_tokens: int
+    tiers: dict[str, int]
+    kv: np.ndarray
+
+
+class KVTierClient:
+    """Talks to one server for one model, KV layout and parallel rank."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str,
+        layout: KVLayout,
+        world_size: int = 1,
+        rank: int = 0,
+        chunk_size: int | None = None,
+        timeout: float = 10.0,
+        retries: int = 2,
+        auth_token: str | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.url = url if "://" in url else f"tcp://{url}"
+        self.layout = layout
+        self.timeout = timeout
+        self.retries = retries
+        self._namespace: dict[str, Any] = {
+            "model": model,
+            "layout": layout_to_meta(layout),
+            "world_size": world_size,
+            "rank": rank,
+        }
+        if chunk_size is not None:
+            self._namespace["chunk_size"] = chunk_size
+        if auth_token:
+            self._namespace["auth"] = auth_token
+        self._context = context or zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    # -- ops ----------------------------------------------------------------------------------------
+    def ping(self) -> dict[str, Any]:
+        return self._call(Op.PING, {}).meta
+
+    def lookup(self, tokens: Any, *, cache_salt: str = "", pin: bool = False) -> RemoteLookup:
+        meta = self._call(Op.LOOKUP, {"cache_salt": cache_salt, "pin": pin}, [token_bytes(tokens)]).meta
+        return RemoteLookup(meta["hit_tokens"], meta["tiers"], meta["lease"])
+
+    def store(self, tokens: Any, kv: np.ndarray, *, skip_tokens: int = 0, cache_salt: str = "") -> RemoteStore:
+        """Store ``kv`` ``(layers, kv, tokens, heads, head_dim)`` for ``tokens`` (sent without a copy when
+        ``kv`` is contiguous)."""
+        encoded = token_bytes(tokens)
+        n = self.layout.check_shape(kv.shape)
+        if n != len(encoded) // 4:
+            raise LayoutError(f"kv holds {n} tokens, {len(encoded) // 4} tokens given")
+        data = memoryview(np.ascontiguousarray(kv)).cast("B")
+        meta = self._call(Op.STORE, {"cache_salt": cache_salt, "skip_tokens": skip_tokens}, [encoded, data]).meta
+        return RemoteStore(meta["stored_tokens"], meta["skipped_tokens"], meta["dropped_tokens"])
+
+    def retrieve(self, tokens: Any, *, skip_tokens: int = 0, cache_salt: str = "") -> RemoteRetrieve:
+        """The KV of the longest cached prefix (a read-only array over the received message)."""
+        reply = self._call(Op.RETRIEVE, {"cache_salt": cache_salt, "skip_tokens": skip_tokens}, [token_bytes(tokens)])
+        meta, frame = reply.meta, reply.payload[0] if reply.payload else memoryview(b"")
+        end = len(frame) // self.layout.bytes_per_token
+        kv = np.frombuffer(frame, dtype=self.layout.element.numpy_name).reshape(self.layout.chunk_shape(end))
+        return RemoteRetrieve(meta["hit_tokens"], meta["loaded_tokens"], meta["tiers"], kv)
+
+    def prefetch(self, tokens: Any, *, cache_salt: str = "") -> None:
+        self._call(Op.PREFETCH, {"cache_salt": cache_salt}, [token_bytes(tokens)])
+
+    def delete(self, tokens: Any, *, cache_salt: str = "") -> int:
+        return int(self._call(Op.DELETE, {"cache_salt": cache_salt}, [token_bytes(tokens)]).meta["deleted_chunks"])
+
+    def release(self, lease: int) -> bool:
+        return bool(self._call(Op.RELEASE, {"lease": lease}).meta["released"])
+
+    def clear(self) -> int:
+        return int(self._call(Op.CLEAR, {}).meta["cleared_chunks"])
+
+    def stats(self) -> dict[str, Any]:
+        return self._call(Op.STATS, {}).meta
+
+    # -- transport ----------------------------------------------------------------------------------
+    def _call(self, op: Op, meta: dict[str, Any], payload: list[Any] | None = None) -> Message:
+        request_meta = {**self._namespace, **meta}
+        with self._lock:
+            for attempt in range(self.retries + 1):
+                request_id = next(self._ids)
+                message = Message(op, request_id, request_meta, payload or [], timeout_ms=int(self.timeout * 1000))
+                reply = self._exchange(message)
+                if reply is not None and reply.status != Status.BUSY:
+                    break
+                time.sleep(min(0.05 * 2**attempt, 1.0))
+            else:
+                raise ServerUnavailable(f"no answer from {self.url} after {self.retries + 1} attempts")
+        if reply.status != Status.OK:
+            raise ServerError(reply.status, str(reply.meta.get("error", "")))
+        return reply
+
+    def _exchange(self, message: Message) -> Message | None:
+        """Send and wait for the reply with this request id; None on timeout (the socket is then replaced)."""
+        sock = self._connected()
+        sock.send_multipart(encode(message), copy=False)
+        deadline = time.monotonic() + self.timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not sock.poll(int(remaining * 1000) + 1):
+                break
+            reply = decode(sock.recv_multipart(copy=False))
+            if reply.request_id == message.request_id or reply.request_id == 0:
+                return reply  # id 0: the server could not parse our message; it says why
+        self._reset()
+        return None
+
+    def _connected(self) -> zmq.Socket:
+        if self._socket is None:
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.url)
+            self._socket = sock
+        return self._socket
+
+    def _reset(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+
+    def __enter__(self) -> KVTierClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,244 @@
+"""What the cache server does with a request, independent of sockets: validate it, run it, build the reply.
+
+One :class:`CacheService` owns one set of tiers (one memory budget, one disk directory, one remote store) and
+serves any number of models, layouts, ranks and tenants from it: each namespace gets a :class:`CacheEngine`
+view over the shared :class:`TieredStorage`, created on first use. Every input is checked before it is
+trusted (field types, sizes, counts, the chunk size), and a failure is a reply with a status, never a crash.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from kvtier import __version__
+from kvtier.config import KVTierConfig
+from kvtier.engine.cache_engine import CacheEngine
+from kvtier.errors import KVTierError
+from kvtier.memory.layout import KVLayout
+from kvtier.metrics import CacheMetrics, ServerMetrics
+from kvtier.protocol import Message, Op, ProtocolError, Status, get_field, layout_from_meta
+from kvtier.storage.registry import build_storage
+from kvtier.tokens.keys import MAX_SALT_LENGTH
+
+log = logging.getLogger("kvtier.server")
+MAX_MODEL_NAME = 256
+MAX_ENGINES = 1024  # distinct (model, layout, world size, rank) served at once
+
+NamespaceKey = tuple[str, KVLayout, int, int]
+
+
+class CacheService:
+    """Runs requests against the shared tiers. Thread-safe."""
+
+    def __init__(self, config: KVTierConfig) -> None:
+        self.config = config
+        self.metrics = CacheMetrics()
+        self.server_metrics = ServerMetrics(self.metrics.registry)
+        self.storage = build_storage(config, self.metrics)
+        self.server_id = uuid.uuid4().hex
+        self.started = time.time()
+        self._auth = config.auth_token()
+        self._engines: dict[NamespaceKey, CacheEngine] = {}
+        self._lock = threading.Lock()
+        self._handlers: dict[int, Callable[[Message], Message]] = {
+            Op.PING: self._ping,
+            Op.LOOKUP: self._lookup,
+            Op.STORE: self._store,
+            Op.RETRIEVE: self._retrieve,
+            Op.PREFETCH: self._prefetch,
+            Op.DELETE: self._delete,
+            Op.CLEAR: self._clear,
+            Op.STATS: self._stats,
+            Op.RELEASE: self._release,
+        }
+
+    # -- entry point --------------------------------------------------------------------------------
+    def handle(self, request: Message, received_at: float) -> Message:
+        """The reply to ``request``; never raises."""
+        name = _op_name(request.op)
+        try:
+            if request.timeout_ms and time.monotonic() > received_at + request.timeout_ms / 1000:
+                raise ProtocolError("deadline passed before the request was served", Status.DEADLINE_EXCEEDED)
+            self._check_auth(request)
+            handler = self._handlers.get(request.op)
+            if handler is None:
+                raise ProtocolError(f"unknown op {request.op}", Status.UNKNOWN_OP)
+            reply = handler(request)
+        except ProtocolError as exc:
+            reply = error_reply(request, exc.status, str(exc))
+        except KVTierError as exc:  # bad layout, bad mask...: the client's request was wrong
+            reply = error_reply(request, Status.BAD_REQUEST, str(exc))
+        except ValueError as exc:
+            reply = error_reply(request, Status.BAD_REQUEST, str(exc))
+        except Exception as exc:
+            log.exception("internal error serving %s", name)
+            reply = error_reply(request, Status.INTERNAL, f"internal error: {type(exc).__name__}")
+        self.server_metrics.requests.inc(op=name, status=reply.status.name)
+        self.server_metrics.request_seconds.observe(time.monotonic() - received_at, op=name)
+        return reply
+
+    def _check_auth(self, request: Message) -> None:
+        if self._auth is None:
+            return
+        token = request.meta.get("auth")
+        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._auth.encode()):
+            raise ProtocolError("missing or wrong auth token", Status.UNAUTHORIZED)
+
+    # -- namespaces ---------------------------------------------------------------------------------
+    def engine_for(self, meta: dict[str, Any]) -> CacheEngine:
+        model = get_field(meta, "model", str)
+        if not 0 < len(model) <= MAX_MODEL_NAME:
+            raise ProtocolError(f"model name must have 1 to {MAX_MODEL_NAME} characters")
+        layout = layout_from_meta(get_field(meta, "layout", dict))
+        world_size = get_field(meta, "world_size", int, 1)
+        rank = get_field(meta, "rank", int, 0)
+        if not 0 <= rank < world_size <= 1 << 16:
+            raise ProtocolError(f"rank {rank} / world size {world_size} out of range")
+        chunk_size = get_field(meta, "chunk_size", int, self.config.chunk_size)
+        if chunk_size != self.config.chunk_size:
+            raise ProtocolError(f"client chunk size {chunk_size} differs from the server's {self.config.chunk_size}")
+        key = (model, layout, world_size, rank)
+        with self._lock:
+            engine = self._engines.get(key)
+            if engine is None:
+                if len(self._engines) >= MAX_ENGINES:
+                    raise ProtocolError(f"server already serves {MAX_ENGINES} model/layout/rank combinations")
+                engine = CacheEngine(
+                    self.config, layout, model_name=model, world_size=world_size, rank=rank, storage=self.storage
+                )
+                self._engines[key] = engine
+            return engine
+
+    def _salt(self, meta: dict[str, Any]) -> str:
+        salt = get_field(meta, "cache_salt", str, "")
+        if len(salt) > MAX_SALT_LENGTH:
+            raise ProtocolError(f"cache_salt longer than {MAX_SALT_LENGTH} characters")
+        return salt
+
+    def _tokens(self, request: Message) -> np.ndarray:
+        if not request.payload:
+            raise ProtocolError("missing token frame")
+        frame = request.payload[0]
+        if len(frame) % 4:
+            raise ProtocolError("token frame length is not a multiple of 4 (u32 token ids)")
+        if len(frame) // 4 > self.config.server_max_tokens:
+            raise ProtocolError(f"more than {self.config.server_max_tokens} tokens", Status.TOO_LARGE)
+        return np.frombuffer(frame, dtype="<u4")
+
+    # -- ops ----------------------------------------------------------------------------------------
+    def _ping(self, request: Message) -> Message:
+        return reply_to(
+            request, {"server_id": self.server_id, "version": __version__, "chunk_size": self.config.chunk_size}
+        )
+
+    def _lookup(self, request: Message) -> Message:
+        engine, tokens = self.engine_for(request.meta), self._tokens(request)
+        pin = get_field(request.meta, "pin", bool, False)
+        result = engine.lookup(tokens, cache_salt=self._salt(request.meta), pin=pin)
+        lease = result.lease.id if result.lease else None
+        return reply_to(request, {"hit_tokens": result.hit_tokens, "tiers": result.tier_tokens, "lease": lease})
+
+    def _store(self, request: Message) -> Message:
+        engine, tokens = self.engine_for(request.meta), self._tokens(request)
+        if len(request.payload) != 2:
+            raise ProtocolError("store takes a token frame and one KV frame")
+        layout, frame = engine.layout, request.payload[1]
+        if len(frame) != layout.chunk_bytes(len(tokens)):
+            raise ProtocolError(f"KV frame has {len(frame)} bytes, {layout.chunk_bytes(len(tokens))} expected")
+        kv = np.frombuffer(frame, dtype=layout.element.numpy_name).reshape(layout.chunk_shape(len(tokens)))
+        result = engine.store(tokens, kv, mask=self._mask(request, len(tokens)), cache_salt=self._salt(request.meta))
+        return reply_to(
+            request,
+            {
+                "stored_tokens": result.stored_tokens,
+                "skipped_tokens": result.skipped_tokens,
+                "dropped_tokens": result.dropped_tokens,
+            },
+        )
+
+    def _retrieve(self, request: Message) -> Message:
+        engine, tokens = self.engine_for(request.meta), self._tokens(request)
+        result = engine.retrieve(tokens, mask=self._mask(request, len(tokens)), cache_salt=self._salt(request.meta))
+        meta = {"hit_tokens": result.hit_tokens, "loaded_tokens": result.loaded_tokens, "tiers": result.tier_tokens}
+        return reply_to(request, meta, [memoryview(np.ascontiguousarray(result.kv)).cast("B")])
+
+    def _mask(self, request: Message, num_tokens: int) -> np.ndarray | None:
+        skip = get_field(request.meta, "skip_tokens", int, 0)
+        if not 0 <= skip <= num_tokens:
+            raise ProtocolError(f"skip_tokens {skip} out of range")
+        if not skip:
+            return None
+        mask = np.ones(num_tokens, dtype=bool)
+        mask[:skip] = False
+        return mask
+
+    def _prefetch(self, request: Message) -> Message:
+        engine, tokens = self.engine_for(request.meta), self._tokens(request)
+        engine.prefetch(tokens, cache_salt=self._salt(request.meta))
+        return reply_to(request, {"accepted": True})
+
+    def _delete(self, request: Message) -> Message:
+        engine, tokens = self.engine_for(request.meta), self._tokens(request)
+        return reply_to(request, {"deleted_chunks": engine.delete(tokens, cache_salt=self._salt(request.meta))})
+
+    def _clear(self, request: Message) -> Message:
+        return reply_to(request, {"cleared_chunks": self.storage.clear()})
+
+    def _stats(self, request: Message) -> Message:
+        return reply_to(request, self.status())
+
+    def _release(self, request: Message) -> Message:
+        engine = self.engine_for(request.meta)
+        return reply_to(request, {"released": engine.release(get_field(request.meta, "lease", int))})
+
+    # -- status -------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        tiers = {t.name: vars_of(t.usage()) for t in self.storage.tiers}
+        with self._lock:
+            engines = [
+                {"model": m, "layout": lay.descriptor(), "world_size": ws, "rank": r} for m, lay, ws, r in self._engines
+            ]
+        return {
+            "server_id": self.server_id,
+            "version": __version__,
+            "uptime_sec": time.time() - self.started,
+            "chunk_size": self.config.chunk_size,
+            "tiers": tiers,
+            "engines": engines,
+            "metrics": self.metrics.registry.snapshot(),
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            engines = list(self._engines.values())
+            self._engines.clear()
+        for engine in engines:
+            engine.close()
+        self.storage.close()
+
+
+def reply_to(request: Message, meta: dict[str, Any], payload: list[memoryview] | None = None) -> Message:
+    return Message(request.op, request.request_id, meta, payload or [])
+
+
+def error_reply(request: Message, status: Status, message: str) -> Message:
+    return Message(request.op, request.request_id, {"error": message}, [], status)
+
+
+def vars_of(usage: object) -> dict[str, Any]:
+    return {name: getattr(usage, name) for name in usage.__slots__}  # type: ignore[attr-defined]
+
+
+def _op_name(op: int) -> str:
+    try:
+        return Op(op).name
+    except ValueError:
+        return "UNKNOWN"
