@@ -213,6 +213,7 @@ class CacheService:
             "chunk_size": self.config.chunk_size,
             "tiers": tiers,
             "engines": engines,
+            "clients": sum(self.server_metrics.clients.values().values()),
             "metrics": self.metrics.registry.snapshot(),
         }
 
