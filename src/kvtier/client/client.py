@@ -108,7 +108,7 @@ class KVTierClient:
         n = self.layout.check_shape(kv.shape)
         if n != len(encoded) // 4:
             raise LayoutError(f"kv holds {n} tokens, {len(encoded) // 4} tokens given")
-        data = memoryview(np.ascontiguousarray(kv)).cast("B")
+        data = memoryview(np.ascontiguousarray(kv).reshape(-1).view(np.uint8))
         meta = self._call(Op.STORE, {"cache_salt": cache_salt, "skip_tokens": skip_tokens}, [encoded, data]).meta
         return RemoteStore(meta["stored_tokens"], meta["skipped_tokens"], meta["dropped_tokens"])
 

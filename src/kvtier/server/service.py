@@ -168,7 +168,7 @@ class CacheService:
         engine, tokens = self.engine_for(request.meta), self._tokens(request)
         result = engine.retrieve(tokens, mask=self._mask(request, len(tokens)), cache_salt=self._salt(request.meta))
         meta = {"hit_tokens": result.hit_tokens, "loaded_tokens": result.loaded_tokens, "tiers": result.tier_tokens}
-        return reply_to(request, meta, [memoryview(np.ascontiguousarray(result.kv)).cast("B")])
+        return reply_to(request, meta, [memoryview(np.ascontiguousarray(result.kv).reshape(-1).view(np.uint8))])
 
     def _mask(self, request: Message, num_tokens: int) -> np.ndarray | None:
         skip = get_field(request.meta, "skip_tokens", int, 0)

@@ -42,8 +42,9 @@ class RemoteStore(ABC):
         """The values of ``names`` (None where absent), in as few round trips as the store allows."""
 
     @abstractmethod
-    def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None) -> None:
-        """Store the concatenation of ``parts`` under ``name`` so that readers see all of it or nothing."""
+    def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None) -> bool:
+        """Store the concatenation of ``parts`` under ``name`` so that readers see all of it or nothing. False if
+        ``name`` already held a value (kept as it was): a store that can, writes only if absent, atomically."""
 
     @abstractmethod
     def exists_many(self, names: Sequence[str]) -> list[bool]:
@@ -227,8 +228,7 @@ class RemoteTier(StorageTier):
         parts = [make_header(key.id, obj.layout, obj.num_tokens, payload), payload]
 
         def write() -> bool:
-            self.store.put(self.name_for(key), parts, self.ttl_sec)
-            return True
+            return self.store.put(self.name_for(key), parts, self.ttl_sec)
 
         ok = self._call("put", write, False)
         if ok:

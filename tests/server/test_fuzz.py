@@ -1,0 +1,152 @@
+"""Protocol fuzzing: thousands of malformed messages never crash or hang the server, and a well-behaved client
+is answered correctly throughout."""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+
+import numpy as np
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import CHUNK, LAYOUT
+from kvtier.protocol import HEADER_SIZE, Message, Op, encode, layout_to_meta
+
+NAMESPACE = {"model": "test-model", "layout": layout_to_meta(LAYOUT), "chunk_size": CHUNK}
+
+
+def valid_messages(rng: random.Random) -> list[list[bytes]]:
+    """Well-formed messages of every op, to be mutated."""
+    tokens = np.arange(rng.randrange(0, 80), dtype="<u4").tobytes()
+    kv = bytes(LAYOUT.chunk_bytes(len(tokens) // 4))
+    messages = [
+        Message(Op.PING, 1),
+        Message(Op.LOOKUP, 2, dict(NAMESPACE), [tokens]),
+        Message(Op.STORE, 3, dict(NAMESPACE), [tokens, kv]),
+        Message(Op.RETRIEVE, 4, {**NAMESPACE, "skip_tokens": 16}, [tokens]),
+        Message(Op.PREFETCH, 5, dict(NAMESPACE), [tokens]),
+        Message(Op.DELETE, 6, dict(NAMESPACE), [tokens]),
+        Message(Op.STATS, 7),
+        Message(Op.RELEASE, 8, {**NAMESPACE, "lease": 3}),
+    ]
+    return [[bytes(f) for f in encode(m)] for m in messages]
+
+
+def mutate(frames: list[bytes], rng: random.Random) -> list[bytes]:
+    frames = list(frames)
+    kind = rng.randrange(9)
+    i = rng.randrange(len(frames))
+    if kind == 0:  # flip bits
+        raw = bytearray(frames[i])
+        for _ in range(rng.randrange(1, 4)):
+            if raw:
+                raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+        frames[i] = bytes(raw)
+    elif kind == 1:  # truncate a frame
+        frames[i] = frames[i][: rng.randrange(len(frames[i]) + 1)]
+    elif kind == 2:  # drop a frame
+        del frames[i]
+    elif kind == 3:  # duplicate a frame
+        frames.insert(i, frames[i])
+    elif kind == 4:  # random bytes
+        frames[i] = rng.randbytes(rng.randrange(64))
+    elif kind == 5:  # valid header, hostile meta (re-checksummed so it gets past the CRC)
+        frames = reframe(frames, json.dumps(rng.choice(HOSTILE_META)).encode())
+    elif kind == 6:  # garbage meta with a correct checksum
+        frames = reframe(frames, rng.randbytes(rng.randrange(100)))
+    elif kind == 7:  # wrong op / status / frame count in a re-checksummed header
+        head = bytearray(frames[0])
+        if len(head) == HEADER_SIZE:
+            head[rng.choice([6, 7, 20])] = rng.randrange(256)
+            head[-4:] = zlib.crc32(bytes(head[:-4])).to_bytes(4, "little")
+        frames[0] = bytes(head)
+    else:  # many extra frames
+        frames.extend(b"x" for _ in range(rng.randrange(1, 50)))
+    return frames or [b""]
+
+
+HOSTILE_META = [
+    [],
+    "x",
+    1,
+    None,
+    {"model": ""},
+    {"model": "m" * 10000},
+    {**NAMESPACE, "layout": {"num_layers": 10**9, "num_kv_heads": 1, "head_dim": 1}},
+    {**NAMESPACE, "layout": {"num_layers": 1, "num_kv_heads": 1, "head_dim": 1, "dtype": "complex128"}},
+    {**NAMESPACE, "world_size": 0},
+    {**NAMESPACE, "rank": -1},
+    {**NAMESPACE, "cache_salt": "s" * 1000},
+    {**NAMESPACE, "skip_tokens": -5},
+    {**NAMESPACE, "lease": 10**30},
+    {**NAMESPACE, "pin": "yes"},
+    {**NAMESPACE, "chunk_size": True},
+    {"layout": []},
+]
+
+
+def reframe(frames: list[bytes], meta: bytes) -> list[bytes]:
+    head = bytearray(frames[0])
+    if len(head) != HEADER_SIZE or len(frames) < 2:
+        return frames
+    head[24:28] = zlib.crc32(meta).to_bytes(4, "little")
+    head[-4:] = zlib.crc32(bytes(head[:-4])).to_bytes(4, "little")
+    return [bytes(head), meta, *frames[2:]]
+
+
+def check_good_client(server, seed: int) -> None:  # type: ignore[no-untyped-def]
+    tokens = list(range(seed * 1000, seed * 1000 + 48))
+    kv = np.random.default_rng(seed).standard_normal(LAYOUT.chunk_shape(48)).astype(np.float16)
+    with server.client() as client:
+        assert client.store(tokens, kv).stored_tokens in (0, 48)
+        got = client.retrieve(tokens)
+        assert got.hit_tokens == 48 and np.array_equal(got.kv.view(np.uint16), kv.view(np.uint16))
+
+
+def drain(sock: zmq.Socket) -> int:
+    count = 0
+    while sock.poll(0):
+        sock.recv_multipart()
+        count += 1
+    return count
+
+
+def test_thousands_of_mutated_messages(inproc_server) -> None:
+    """5000 mutations of valid messages (bit flips, truncation, dropped/duplicated frames, hostile meta):
+    every one is answered or dropped, and a correct client is served correctly every 500 messages."""
+    rng = random.Random(1234)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{inproc_server.port}")
+    replies = 0
+    for n in range(5000):
+        sock.send_multipart(mutate(rng.choice(valid_messages(rng)), rng))
+        replies += drain(sock)
+        if n % 500 == 499:
+            check_good_client(inproc_server, n)
+    deadline_polls = 50
+    while deadline_polls and replies < 4000:
+        sock.poll(100)
+        replies += drain(sock)
+        deadline_polls -= 1
+    sock.close()
+    assert inproc_server.thread.is_alive()
+    assert replies >= 4000  # nearly every message gets an answer (some, e.g. empty identities, cannot)
+    check_good_client(inproc_server, 99)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=st.lists(st.binary(max_size=200), min_size=0, max_size=6))
+def test_arbitrary_frames_never_kill_the_server(inproc_server, frames) -> None:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{inproc_server.port}")
+    sock.send_multipart(frames or [b""])
+    sock.poll(1000)
+    drain(sock)
+    sock.close()
+    with inproc_server.client() as client:
+        assert client.ping()["chunk_size"] == CHUNK

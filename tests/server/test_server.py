@@ -1,0 +1,279 @@
+"""The cache server end to end: real `kvtier server` processes, real ZMQ sockets, real HTTP."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import zmq
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import CHUNK, LAYOUT, ServerProcess, free_port, http_get
+from kvtier.client import KVTierClient, ServerError, ServerUnavailable
+from kvtier.protocol import Message, Op, Status, decode, encode, layout_to_meta
+
+
+def kv_for(seed: int, tokens: int) -> np.ndarray:
+    raw = np.random.default_rng(seed).integers(0, 2**16, LAYOUT.chunk_shape(tokens), dtype=np.uint16)
+    return raw.view(np.float16)
+
+
+def client_for(server, **kw) -> KVTierClient:  # type: ignore[no-untyped-def]
+    return KVTierClient(
+        f"127.0.0.1:{server.port}", model="test-model", layout=LAYOUT, chunk_size=CHUNK, **{"timeout": 5.0, **kw}
+    )
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.array_equal(a.view(np.uint16), b.view(np.uint16)))
+
+
+CLIENT_SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from kvtier import KVLayout
+    from kvtier.client import KVTierClient
+    port, action, seed = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    layout = KVLayout(2, 2, 16)
+    raw = np.random.default_rng(seed).integers(0, 2**16, layout.chunk_shape(80), dtype=np.uint16)
+    kv = raw.view(np.float16)
+    client = KVTierClient(f"127.0.0.1:{port}", model="test-model", layout=layout, chunk_size=16)
+    tokens = list(range(seed, seed + 80))
+    if action == "store":
+        print(client.store(tokens, kv).stored_tokens)
+    else:
+        got = client.retrieve(tokens)
+        print(got.hit_tokens, bool(np.array_equal(got.kv.view(np.uint16), kv.view(np.uint16))))
+    """
+)
+
+
+def run_client(port: int, action: str, seed: int) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", CLIENT_SCRIPT, str(port), action, str(seed)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_two_client_processes_share_chunks(server_process) -> None:
+    """One process stores; another, started afterwards, retrieves the same KV bit for bit."""
+    server = server_process()
+    assert run_client(server.port, "store", 7) == "80"
+    assert run_client(server.port, "retrieve", 7) == "80 True"
+
+
+def test_restarted_server_keeps_disk_chunks(server_process, tmp_path) -> None:
+    """SIGTERM exits cleanly (code 0); a new server on the same disk directory serves the chunks from disk."""
+    server = server_process()
+    tokens, kv = list(range(64)), kv_for(1, 64)
+    with client_for(server) as client:
+        assert client.store(tokens, kv).stored_tokens == 64
+    assert server.stop(signal.SIGTERM) == 0
+    restarted = server_process(port=server.port)
+    with client_for(restarted) as client:
+        got = client.retrieve(tokens)
+    assert got.hit_tokens == 64 and got.tiers == {"disk": 64} and same_bits(got.kv, kv)
+
+
+def test_client_reconnects_after_a_server_restart(server_process) -> None:
+    """The same client object keeps working across a restart of the server on the same port."""
+    server = server_process()
+    client = client_for(server, timeout=1.0, retries=5)
+    first = client.ping()["server_id"]
+    server.stop(signal.SIGKILL)
+    restarted = server_process(port=server.port)
+    assert client.ping()["server_id"] != first
+    client.close()
+    restarted.stop()
+
+
+def test_client_killed_mid_store_leaks_nothing(server_process) -> None:
+    """A client killed while sending a large store leaves no memory behind, and the server keeps serving."""
+    server = server_process()
+    before = server.status()["tiers"]["memory"]["used_bytes"]
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        from kvtier import KVLayout
+        from kvtier.client import KVTierClient
+        layout = KVLayout(2, 2, 16)
+        client = KVTierClient("127.0.0.1:{server.port}", model="test-model", layout=layout, chunk_size=16)
+        kv = np.ones(layout.chunk_shape(40000), np.float16)
+        for seed in range(1000):
+            client.store(list(range(seed * 10**6, seed * 10**6 + 40000)), kv)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    time.sleep(2.0)
+    proc.kill()
+    proc.wait()
+    time.sleep(0.5)
+    with client_for(server) as client:
+        client.clear()
+        assert server.status()["tiers"]["memory"]["used_bytes"] == before == 0
+        assert client.store(list(range(32)), kv_for(2, 32)).stored_tokens == 32
+
+
+def test_auth_is_required_on_data_plane_and_mutating_admin(server_process) -> None:
+    server = server_process("--server-auth-token", "s3cret")
+    with client_for(server) as anonymous, pytest.raises(ServerError) as info:
+        anonymous.ping()
+    assert info.value.status == Status.UNAUTHORIZED
+    with client_for(server, auth_token="wrong") as wrong, pytest.raises(ServerError):
+        wrong.lookup([1, 2, 3])
+    with client_for(server, auth_token="s3cret") as client:
+        assert client.store(list(range(16)), kv_for(3, 16)).stored_tokens == 16
+    assert http_get(server.http_port, "/clear", method="POST")[0] == 401
+    assert http_get(server.http_port, "/clear", token="nope", method="POST")[0] == 401
+    assert http_get(server.http_port, "/clear", token="s3cret", method="POST")[0] == 200
+    assert http_get(server.http_port, "/metrics")[0] == 200  # reading stays open
+
+
+def test_tenants_never_see_each_others_chunks(inproc_server) -> None:
+    tokens, kv = list(range(48)), kv_for(4, 48)
+    with inproc_server.client() as client:
+        client.store(tokens, kv, cache_salt="tenant-a")
+        assert client.lookup(tokens, cache_salt="tenant-b").hit_tokens == 0
+        assert client.retrieve(tokens, cache_salt="tenant-b").hit_tokens == 0
+        assert client.lookup(tokens).hit_tokens == 0
+        got = client.retrieve(tokens, cache_salt="tenant-a")
+        assert got.hit_tokens == 48 and same_bits(got.kv, kv)
+
+
+def test_lookup_lease_release_and_prefetch_and_delete(inproc_server) -> None:
+    tokens = list(range(40))
+    with inproc_server.client() as client:
+        client.store(tokens, kv_for(5, 40))
+        found = client.lookup(tokens, pin=True)
+        assert found.hit_tokens == 32 and found.lease is not None
+        assert client.release(found.lease) and not client.release(found.lease)
+        client.prefetch(tokens)
+        assert client.delete(tokens) == 2
+        assert client.lookup(tokens).hit_tokens == 0
+
+
+def test_metrics_parse_with_prometheus_parser_after_traffic(inproc_server) -> None:
+    with inproc_server.client() as client:
+        client.store(list(range(32)), kv_for(6, 32))
+        client.retrieve(list(range(32)))
+        client.lookup(list(range(32)))
+    status, body = http_get(inproc_server.http_port, "/metrics")
+    names = {f.name for f in text_string_to_metric_families(body.decode())}
+    for needed in (
+        "kvtier_lookup_requests",
+        "kvtier_lookup_hit_tokens",
+        "kvtier_retrieve_hit_tokens",
+        "kvtier_stored_tokens",
+        "kvtier_tier_read_bytes",
+        "kvtier_tier_write_bytes",
+        "kvtier_tier_write_seconds",
+        "kvtier_retrieve_seconds",
+        "kvtier_evictions",
+        "kvtier_tier_used_bytes",
+        "kvtier_tier_capacity_bytes",
+        "kvtier_errors",
+        "kvtier_server_requests",
+        "kvtier_server_connected_clients",
+        "kvtier_server_request_seconds",
+    ):
+        assert needed in names, needed
+    assert status == 200
+    assert http_get(inproc_server.http_port, "/openapi.json")[0] == 200
+    assert http_get(inproc_server.http_port, "/nope")[0] == 404
+
+
+def raw_exchange(port: int, frames: list[bytes], timeout_ms: int = 3000) -> Message | None:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        sock.send_multipart(frames)
+        if not sock.poll(timeout_ms):
+            return None
+        return decode(sock.recv_multipart())
+    finally:
+        sock.close()
+
+
+def namespace_meta() -> dict:
+    return {"model": "test-model", "layout": layout_to_meta(LAYOUT), "chunk_size": CHUNK}
+
+
+@pytest.mark.parametrize(
+    ("frames", "status"),
+    [
+        ([b"garbage"], Status.BAD_REQUEST),
+        ([b"x" * 32, b"{}"], Status.BAD_REQUEST),
+        ([bytes(encode(Message(Op.PING, 1))[0])[:-1], b"{}"], Status.BAD_REQUEST),
+    ],
+)
+def test_malformed_frames_get_an_error_reply(inproc_server, frames, status) -> None:
+    reply = raw_exchange(inproc_server.port, frames)
+    assert reply is not None and reply.status == status
+    with inproc_server.client() as client:
+        assert client.ping()["chunk_size"] == CHUNK
+
+
+def test_wrong_version_unknown_op_and_bad_payloads(inproc_server) -> None:
+    port = inproc_server.port
+    head, meta = encode(Message(Op.PING, 9))
+    wrong_version = bytearray(bytes(head))
+    wrong_version[4] = 99
+    import zlib
+
+    wrong_version[-4:] = zlib.crc32(bytes(wrong_version[:-4])).to_bytes(4, "little")
+    assert raw_exchange(port, [bytes(wrong_version), bytes(meta)]).status == Status.UNSUPPORTED_VERSION
+    assert raw_exchange(port, [bytes(f) for f in encode(Message(77, 3))]).status == Status.UNKNOWN_OP
+    cases = [
+        (Op.STORE, {**namespace_meta()}, [np.arange(16, dtype="<u4").tobytes(), b"short"]),
+        (Op.LOOKUP, {**namespace_meta()}, [b"abc"]),
+        (Op.LOOKUP, {"model": 5, "layout": layout_to_meta(LAYOUT)}, [b""]),
+        (Op.LOOKUP, {**namespace_meta(), "layout": {"num_layers": -1}}, [b""]),
+        (Op.LOOKUP, {**namespace_meta(), "chunk_size": 7}, [b""]),
+        (Op.LOOKUP, {**namespace_meta(), "rank": 3}, [b""]),
+        (Op.RETRIEVE, {**namespace_meta(), "skip_tokens": 5}, [np.arange(32, dtype="<u4").tobytes()]),
+        (Op.RELEASE, {**namespace_meta(), "lease": "x"}, []),
+    ]
+    for op, meta_dict, payload in cases:
+        reply = raw_exchange(port, [bytes(f) for f in encode(Message(op, 5, meta_dict, payload))])
+        assert reply is not None and reply.status == Status.BAD_REQUEST, (op, meta_dict, reply)
+    with inproc_server.client() as client:
+        assert client.ping()["chunk_size"] == CHUNK
+
+
+def test_oversize_request_is_dropped_and_server_keeps_serving(server_process) -> None:
+    server = server_process("--server-max-request-mb", "1")
+    tokens = list(range(1024))  # 1024 tokens x 256 B = 256 KiB... make the KV frame exceed 1 MiB
+    big = np.zeros(LAYOUT.chunk_shape(8192), np.float16)
+    with client_for(server, timeout=1.0, retries=0) as client, pytest.raises(ServerUnavailable):
+        client.store(list(range(8192)), big)
+    with client_for(server) as client:
+        assert client.store(tokens, np.zeros(LAYOUT.chunk_shape(1024), np.float16)).stored_tokens == 1024
+
+
+def test_deadline_and_busy_are_reported(inproc_server) -> None:
+    """A request whose deadline passed before it ran is answered DEADLINE_EXCEEDED, not executed."""
+    message = Message(Op.PING, 11, {}, [], timeout_ms=1)
+    time.sleep(0.01)
+    reply = inproc_server.server.service.handle(message, received_at=time.monotonic() - 1.0)
+    assert reply.status == Status.DEADLINE_EXCEEDED
+
+
+def test_unreachable_server_raises_unavailable_quickly() -> None:
+    started = time.monotonic()
+    client = KVTierClient(f"127.0.0.1:{free_port()}", model="m", layout=LAYOUT, timeout=0.3, retries=1)
+    with client, pytest.raises(ServerUnavailable):
+        client.ping()
+    assert time.monotonic() - started < 3.0
+
+
+def test_server_process_logs_and_exits_cleanly_on_sigint(tmp_path) -> None:
+    server = ServerProcess(tmp_path / "disk")
+    assert server.stop(signal.SIGINT) == 0
+    assert "kvtier server stopped" in server.log.read_text()
