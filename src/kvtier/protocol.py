@@ -29,6 +29,7 @@ PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<4sHBBQIII")  # + header CRC-32 (u32)
 HEADER_SIZE = HEADER.size + 4
 MAX_META_BYTES = 64 * 1024
+MAX_KEYS = 1024  # chunk keys in one key-level request (each ~100 bytes of meta)
 
 
 class Op(IntEnum):
@@ -41,6 +42,10 @@ class Op(IntEnum):
     CLEAR = 7
     STATS = 8
     RELEASE = 9
+    EXISTS_KEYS = 10
+    GET_KEYS = 11
+    PUT_KEYS = 12
+    DELETE_KEYS = 13
 
 
 class Status(IntEnum):

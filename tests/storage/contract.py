@@ -45,7 +45,17 @@ def read(tier: StorageTier, key: CacheKey, allocate: Allocate) -> tuple[int, byt
 
 
 class StorageTierContract:
-    """Tests every :class:`StorageTier` must pass. Subclasses provide a ``tier`` fixture."""
+    """Tests every :class:`StorageTier` must pass. Subclasses provide a ``tier`` fixture.
+
+    ``exact_usage``: whether ``usage()`` counts chunks and bytes. A shared remote store does not (counting
+    would scan the whole store); its subclass sets it to False and skips only that check.
+    """
+
+    exact_usage = True
+
+    def assert_chunks(self, tier: StorageTier, expected: int) -> None:
+        if self.exact_usage:
+            assert tier.usage().chunks == expected
 
     @pytest.fixture
     def allocate(self, pool: MemoryPool) -> Allocate:
@@ -88,7 +98,7 @@ class StorageTierContract:
         assert tier.put(first, impostor) is False
         obj.unref()
         impostor.unref()
-        assert tier.usage().chunks == 1
+        self.assert_chunks(tier, 1)
         got = read(tier, first, allocate)
         assert got is not None
         assert got[1] == content(first.id, len(got[1])).tobytes()
@@ -124,24 +134,29 @@ class StorageTierContract:
         assert not tier.contains(keys[1])
         assert tier.get(keys[1], allocate) is None
         assert tier.contains(keys[0]) and tier.contains(keys[2])
-        assert tier.usage().chunks == 2
+        self.assert_chunks(tier, 2)
 
     def test_clear(self, tier: StorageTier, make_obj, make_keys, allocate, pool: MemoryPool, chunk_tokens: int) -> None:
         """clear removes everything, returns the count, and frees what the tier held."""
         assert tier.clear() == 0
         keys = make_keys(5)
         store(tier, make_obj, keys, chunk_tokens)
-        assert tier.clear() == 5
+        cleared = tier.clear()
+        # A remote store may count a chunk once per copy it kept (e.g. a server's memory and disk).
+        assert cleared == 5 if self.exact_usage else cleared >= 5
         assert tier.contains_many(keys) == [False] * 5
         assert all(tier.get(k, allocate) is None for k in keys)
-        usage = tier.usage()
-        assert (usage.chunks, usage.used_bytes) == (0, 0)
+        if self.exact_usage:
+            usage = tier.usage()
+            assert (usage.chunks, usage.used_bytes) == (0, 0)
         assert pool.live_objects == 0
         store(tier, make_obj, keys[:1], chunk_tokens)  # still usable afterwards
         assert tier.contains(keys[0])
 
     def test_usage_counts(self, tier: StorageTier, make_obj, make_keys, layout: KVLayout, chunk_tokens: int) -> None:
         """usage() follows puts and deletes: chunk count exact, bytes at least the payload, within capacity."""
+        if not self.exact_usage:
+            pytest.skip("this tier does not count its contents")
         empty = tier.usage()
         assert (empty.chunks, empty.pinned_chunks) == (0, 0)
         keys = make_keys(5)
@@ -204,7 +219,7 @@ class StorageTierContract:
             obj = make_obj(key, sizes[key])
             assert tier.put(key, obj)
             obj.unref()
-        assert tier.usage().chunks == 64
+        self.assert_chunks(tier, 64)
         for key in reversed(keys):
             got = read(tier, key, allocate)
             assert got is not None
@@ -245,7 +260,7 @@ class StorageTierContract:
         assert tier.contains_many(twins) == [False] * len(twins)
         assert all(tier.get(t, allocate) is None for t in twins)
         store(tier, make_obj, twins, 16)
-        assert tier.usage().chunks == 1 + len(twins)
+        self.assert_chunks(tier, 1 + len(twins))
         for k in [key, *twins]:
             got = read(tier, k, allocate)
             assert got is not None
@@ -286,7 +301,7 @@ class StorageTierContract:
             for obj in row:
                 obj.unref()
         assert [sum(r[j] for r in results) for j in range(len(keys))] == [1] * len(keys)
-        assert tier.usage().chunks == len(keys)
+        self.assert_chunks(tier, len(keys))
         for key in keys:
             got = read(tier, key, allocate)
             assert got is not None and got[1] == content(key.id, len(got[1])).tobytes()

@@ -40,9 +40,12 @@ class FlakyStore(RemoteStore):
         self._check()
         return [self.values.get(n) for n in names]
 
-    def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None) -> None:
+    def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None) -> bool:
         self._check()
+        if name in self.values:
+            return False
         self.values[name] = b"".join(bytes(p) for p in parts)
+        return True
 
     def exists_many(self, names: Sequence[str]) -> list[bool]:
         self._check()

@@ -1,5 +1,5 @@
 """Client library of the kvtier cache server."""
 
-from kvtier.client.client import KVTierClient, ServerError, ServerUnavailable
+from kvtier.client.client import Connection, KVTierClient, ServerError, ServerUnavailable
 
-__all__ = ["KVTierClient", "ServerError", "ServerUnavailable"]
+__all__ = ["Connection", "KVTierClient", "ServerError", "ServerUnavailable"]

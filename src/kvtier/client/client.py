@@ -57,6 +57,92 @@ class RemoteRetrieve:
     kv: np.ndarray
 
 
+class Connection:
+    """Request/reply with one server: ids, timeouts, retries with backoff, a fresh socket after a timeout.
+    Thread-safe (one request at a time)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 10.0,
+        retries: int = 2,
+        auth_token: str | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.url = url if "://" in url else f"tcp://{url}"
+        self.timeout = timeout
+        self.retries = retries
+        self._auth = {"auth": auth_token} if auth_token else {}
+        self._context = context or zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def call(self, op: Op, meta: dict[str, Any], payload: list[Any] | None = None) -> Message:
+        """The server's reply (status OK); ServerError for an error status, ServerUnavailable for silence."""
+        request_meta = {**meta, **self._auth}
+        reply = None
+        with self._lock:
+            for attempt in range(self.retries + 1):
+                message = Message(op, next(self._ids), request_meta, payload or [], timeout_ms=int(self.timeout * 1000))
+                reply = self._exchange(message)
+                if reply is not None and reply.status != Status.BUSY:
+                    break
+                time.sleep(min(0.05 * 2**attempt, 1.0))
+        if reply is None:
+            raise ServerUnavailable(f"no answer from {self.url} after {self.retries + 1} attempts")
+        if reply.status != Status.OK:
+            raise ServerError(reply.status, str(reply.meta.get("error", "")))
+        return reply
+
+    # -- key-level ops (a kvtier engine using the server as its remote tier) --------------------------
+    def exists_keys(self, keys: list[str]) -> list[bool]:
+        return [bool(x) for x in self.call(Op.EXISTS_KEYS, {"keys": keys}).meta["exists"]]
+
+    def get_keys(self, keys: list[str]) -> list[memoryview | None]:
+        """Each key's chunk in the stored chunk format, None for a miss."""
+        return [frame if len(frame) else None for frame in self.call(Op.GET_KEYS, {"keys": keys}).payload]
+
+    def put_keys(self, keys: list[str], values: list[Any]) -> int:
+        return int(self.call(Op.PUT_KEYS, {"keys": keys}, values).meta["stored"])
+
+    def delete_keys(self, keys: list[str]) -> int:
+        return int(self.call(Op.DELETE_KEYS, {"keys": keys}).meta["deleted"])
+
+    # -- transport ----------------------------------------------------------------------------------
+    def _exchange(self, message: Message) -> Message | None:
+        """Send and wait for the reply with this request id; None on timeout (the socket is then replaced)."""
+        sock = self._connected()
+        sock.send_multipart(encode(message), copy=False)
+        deadline = time.monotonic() + self.timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not sock.poll(int(remaining * 1000) + 1):
+                break
+            reply = decode(sock.recv_multipart(copy=False))
+            if reply.request_id in (message.request_id, 0):
+                return reply  # id 0: the server could not parse our message; it says why
+        self._reset()
+        return None
+
+    def _connected(self) -> zmq.Socket:
+        if self._socket is None:
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.url)
+            self._socket = sock
+        return self._socket
+
+    def _reset(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._reset()
+
+
 class KVTierClient:
     """Talks to one server for one model, KV layout and parallel rank."""
 
@@ -74,10 +160,8 @@ class KVTierClient:
         auth_token: str | None = None,
         context: zmq.Context | None = None,
     ) -> None:
-        self.url = url if "://" in url else f"tcp://{url}"
         self.layout = layout
-        self.timeout = timeout
-        self.retries = retries
+        self.connection = Connection(url, timeout=timeout, retries=retries, auth_token=auth_token, context=context)
         self._namespace: dict[str, Any] = {
             "model": model,
             "layout": layout_to_meta(layout),
@@ -86,12 +170,6 @@ class KVTierClient:
         }
         if chunk_size is not None:
             self._namespace["chunk_size"] = chunk_size
-        if auth_token:
-            self._namespace["auth"] = auth_token
-        self._context = context or zmq.Context.instance()
-        self._socket: zmq.Socket | None = None
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
 
     # -- ops ----------------------------------------------------------------------------------------
     def ping(self) -> dict[str, Any]:
@@ -135,53 +213,11 @@ class KVTierClient:
     def stats(self) -> dict[str, Any]:
         return self._call(Op.STATS, {}).meta
 
-    # -- transport ----------------------------------------------------------------------------------
     def _call(self, op: Op, meta: dict[str, Any], payload: list[Any] | None = None) -> Message:
-        request_meta = {**self._namespace, **meta}
-        with self._lock:
-            for attempt in range(self.retries + 1):
-                request_id = next(self._ids)
-                message = Message(op, request_id, request_meta, payload or [], timeout_ms=int(self.timeout * 1000))
-                reply = self._exchange(message)
-                if reply is not None and reply.status != Status.BUSY:
-                    break
-                time.sleep(min(0.05 * 2**attempt, 1.0))
-            else:
-                raise ServerUnavailable(f"no answer from {self.url} after {self.retries + 1} attempts")
-        if reply.status != Status.OK:
-            raise ServerError(reply.status, str(reply.meta.get("error", "")))
-        return reply
-
-    def _exchange(self, message: Message) -> Message | None:
-        """Send and wait for the reply with this request id; None on timeout (the socket is then replaced)."""
-        sock = self._connected()
-        sock.send_multipart(encode(message), copy=False)
-        deadline = time.monotonic() + self.timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not sock.poll(int(remaining * 1000) + 1):
-                break
-            reply = decode(sock.recv_multipart(copy=False))
-            if reply.request_id == message.request_id or reply.request_id == 0:
-                return reply  # id 0: the server could not parse our message; it says why
-        self._reset()
-        return None
-
-    def _connected(self) -> zmq.Socket:
-        if self._socket is None:
-            sock = self._context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.url)
-            self._socket = sock
-        return self._socket
-
-    def _reset(self) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
+        return self.connection.call(op, {**self._namespace, **meta}, payload)
 
     def close(self) -> None:
-        with self._lock:
-            self._reset()
+        self.connection.close()
 
     def __enter__(self) -> KVTierClient:
         return self

@@ -19,14 +19,15 @@ from typing import Any
 import numpy as np
 
 from kvtier import __version__
+from kvtier.codecs.chunk_format import HEADER_SIZE, decode_header, make_header, verify_payload
 from kvtier.config import KVTierConfig
 from kvtier.engine.cache_engine import CacheEngine
 from kvtier.errors import KVTierError
 from kvtier.memory.layout import KVLayout
 from kvtier.metrics import CacheMetrics, ServerMetrics
-from kvtier.protocol import Message, Op, ProtocolError, Status, get_field, layout_from_meta
+from kvtier.protocol import MAX_KEYS, Message, Op, ProtocolError, Status, get_field, layout_from_meta
 from kvtier.storage.registry import build_storage
-from kvtier.tokens.keys import MAX_SALT_LENGTH
+from kvtier.tokens.keys import MAX_SALT_LENGTH, CacheKey, key_id_from_str
 
 log = logging.getLogger("kvtier.server")
 MAX_MODEL_NAME = 256
@@ -58,6 +59,10 @@ class CacheService:
             Op.CLEAR: self._clear,
             Op.STATS: self._stats,
             Op.RELEASE: self._release,
+            Op.EXISTS_KEYS: self._exists_keys,
+            Op.GET_KEYS: self._get_keys,
+            Op.PUT_KEYS: self._put_keys,
+            Op.DELETE_KEYS: self._delete_keys,
         }
 
     # -- entry point --------------------------------------------------------------------------------
@@ -198,6 +203,58 @@ class CacheService:
     def _release(self, request: Message) -> Message:
         engine = self.engine_for(request.meta)
         return reply_to(request, {"released": engine.release(get_field(request.meta, "lease", int))})
+
+    # -- key-level ops: another kvtier engine using this server as its remote tier ------------------
+    def _keys(self, request: Message) -> list[CacheKey]:
+        names = get_field(request.meta, "keys", list)
+        if len(names) > MAX_KEYS:
+            raise ProtocolError(f"more than {MAX_KEYS} keys in one request", Status.TOO_LARGE)
+        if not all(isinstance(n, str) for n in names):
+            raise ProtocolError("keys must be strings")
+        try:
+            return [CacheKey.from_id(key_id_from_str(n)) for n in names]
+        except ValueError as exc:
+            raise ProtocolError(f"bad key: {exc}") from None
+
+    def _exists_keys(self, request: Message) -> Message:
+        return reply_to(request, {"exists": [t is not None for t in self.storage.find(self._keys(request))]})
+
+    def _get_keys(self, request: Message) -> Message:
+        """Each key's chunk in the stored chunk format (an empty frame for a miss)."""
+        keys = self._keys(request)
+        frames: list[memoryview] = []
+        for key, tier in zip(keys, self.storage.find(keys), strict=True):
+            obj = self.storage.read_one(key, tier) if tier is not None else None
+            if obj is None:
+                frames.append(memoryview(b""))
+                continue
+            try:  # a copy: the chunk's memory may be reused once we let go of it, before ZMQ has sent it
+                payload = memoryview(obj.data)
+                frames.append(memoryview(make_header(key.id, obj.layout, obj.num_tokens, payload) + payload.tobytes()))
+            finally:
+                obj.unref()
+        return reply_to(request, {"found": sum(1 for f in frames if len(f))}, frames)
+
+    def _put_keys(self, request: Message) -> Message:
+        keys = self._keys(request)
+        if len(request.payload) != len(keys):
+            raise ProtocolError(f"{len(keys)} keys but {len(request.payload)} value frames")
+        stored = 0
+        for key, frame in zip(keys, request.payload, strict=True):
+            header = decode_header(frame[:HEADER_SIZE], key.id)
+            verify_payload(header, frame[HEADER_SIZE:])
+            obj = self.storage.allocate(header.layout, header.num_tokens)
+            if obj is None:
+                break  # memory full of pinned chunks: the rest is not stored, as in a local store
+            try:
+                obj.data[:] = frame[HEADER_SIZE : HEADER_SIZE + header.payload_size]
+                stored += self.storage.write([key], [obj])
+            finally:
+                obj.unref()
+        return reply_to(request, {"stored": stored})
+
+    def _delete_keys(self, request: Message) -> Message:
+        return reply_to(request, {"deleted": sum(self.storage.delete(k) for k in self._keys(request))})
 
     # -- status -------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -155,6 +155,8 @@ class DiskTier(StorageTier):
 
     def _note_namespace(self, key: CacheKey) -> None:
         """Write ``namespace.json`` once per namespace so people and admin tools can tell what a dir holds."""
+        if key.namespace is None:  # known by id only: nothing to describe
+            return
         digest = key.namespace.digest
         if digest in self._known_namespaces:
             return

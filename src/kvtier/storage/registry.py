@@ -21,6 +21,7 @@ from kvtier.storage.tiered import TieredStorage
 
 #: URL scheme -> "module:factory"; a factory takes ``(url, config, metrics)`` and returns a StorageTier.
 REMOTE_TIERS: dict[str, str] = {
+    "kvtier": "kvtier.storage.kvtier_remote:create_kvtier_tier",
     "redis": "kvtier.storage.redis:create_redis_tier",
     "redis-cluster": "kvtier.storage.redis:create_redis_tier",
     "redis-sentinel": "kvtier.storage.redis:create_redis_tier",

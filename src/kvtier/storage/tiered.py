@@ -81,6 +81,15 @@ class TieredStorage:
 
     def locate(self, keys: Sequence[CacheKey]) -> list[StorageTier]:
         """For the longest prefix of ``keys`` held by some tier, the first (fastest) tier holding each key."""
+        prefix: list[StorageTier] = []
+        for tier in self.find(keys):
+            if tier is None:
+                break
+            prefix.append(tier)
+        return prefix
+
+    def find(self, keys: Sequence[CacheKey]) -> list[StorageTier | None]:
+        """For each key, the first (fastest) tier holding it, or None."""
         found: list[StorageTier | None] = [None] * len(keys)
         for tier in self.tiers:
             pending = [i for i, t in enumerate(found) if t is None]
@@ -93,12 +102,11 @@ class TieredStorage:
             for i, hit in zip(pending, present, strict=True):
                 if hit:
                     found[i] = tier
-        prefix: list[StorageTier] = []
-        for tier in found:
-            if tier is None:
-                break
-            prefix.append(tier)
-        return prefix
+        return found
+
+    def read_one(self, key: CacheKey, tier: StorageTier) -> MemoryObj | None:
+        """``key`` from ``tier`` (one reference for the caller), or None."""
+        return self._read_slow([key], tier)[0]
 
     def touch(self, keys: Sequence[CacheKey]) -> None:
         """Record a use of a prompt's chunks in every tier (tail first)."""

@@ -75,9 +75,18 @@ class CacheKey:
     def __init__(self, namespace: Namespace, chunk_hash: bytes) -> None:
         if len(chunk_hash) != HASH_SIZE:
             raise ValueError(f"chunk hash must be {HASH_SIZE} bytes, got {len(chunk_hash)}")
-        self.namespace = namespace
+        self.namespace: Namespace | None = namespace
         self.chunk_hash = chunk_hash
         self.id = namespace.digest + chunk_hash
+
+    @classmethod
+    def from_id(cls, key_id: bytes) -> CacheKey:
+        """A key known only by its id (a peer sent it): same identity, no namespace details."""
+        if len(key_id) != KEY_ID_SIZE:
+            raise ValueError(f"key id must be {KEY_ID_SIZE} bytes, got {len(key_id)}")
+        key = cls.__new__(cls)
+        key.namespace, key.chunk_hash, key.id = None, key_id[NAMESPACE_DIGEST_SIZE:], bytes(key_id)
+        return key
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CacheKey) and other.id == self.id
@@ -86,7 +95,8 @@ class CacheKey:
         return hash(self.id)
 
     def __repr__(self) -> str:
-        return f"CacheKey({self.namespace.model_name!r}, {self.to_str()})"
+        model = self.namespace.model_name if self.namespace else "?"
+        return f"CacheKey({model!r}, {self.to_str()})"
 
     def to_str(self) -> str:
         """``<namespace digest hex>/<chunk hash hex>``: safe as a file path, object name or Redis key."""
