@@ -126,6 +126,11 @@ class KVTierConfig:
     """Largest request message in MiB; larger ones are dropped by the transport."""
     server_max_tokens: int = 1 << 20
     """Most tokens one request may carry."""
+    server_shared_memory: bool = True
+    """Back the server's memory with a shared-memory file so clients on the same host read and write KV in
+    place (only small control messages cross the socket)."""
+    server_lease_sec: float = 30.0
+    """Seconds a client may hold shared-memory chunks it reserved or pinned before the server takes them back."""
     server_auth_token: str | None = None
     """Shared secret required on the data plane and on mutating admin endpoints (None: no auth)."""
     server_auth_token_file: str | None = None

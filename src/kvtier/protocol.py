@@ -46,6 +46,11 @@ class Op(IntEnum):
     GET_KEYS = 11
     PUT_KEYS = 12
     DELETE_KEYS = 13
+    SHM_INFO = 14
+    STORE_RESERVE = 15
+    STORE_COMMIT = 16
+    RETRIEVE_PIN = 17
+    SHM_RELEASE = 18
 
 
 class Status(IntEnum):

@@ -93,9 +93,11 @@ def test_client_reconnects_after_a_server_restart(server_process) -> None:
     restarted.stop()
 
 
-def test_client_killed_mid_store_leaks_nothing(server_process) -> None:
-    """A client killed while sending a large store leaves no memory behind, and the server keeps serving."""
-    server = server_process()
+@pytest.mark.parametrize("shared_memory", [False, True])
+def test_client_killed_mid_store_leaks_nothing(server_process, shared_memory: bool) -> None:
+    """A client killed while storing (mid-send over TCP, or holding reserved shared memory) leaves no memory
+    behind once its lease expires, and the server keeps serving."""
+    server = server_process("--server-lease-sec", "1")
     before = server.status()["tiers"]["memory"]["used_bytes"]
     script = textwrap.dedent(
         f"""
@@ -103,7 +105,8 @@ def test_client_killed_mid_store_leaks_nothing(server_process) -> None:
         from kvtier import KVLayout
         from kvtier.client import KVTierClient
         layout = KVLayout(2, 2, 16)
-        client = KVTierClient("127.0.0.1:{server.port}", model="test-model", layout=layout, chunk_size=16)
+        client = KVTierClient("127.0.0.1:{server.port}", model="test-model", layout=layout, chunk_size=16,
+                              shared_memory={shared_memory})
         kv = np.ones(layout.chunk_shape(40000), np.float16)
         for seed in range(1000):
             client.store(list(range(seed * 10**6, seed * 10**6 + 40000)), kv)
@@ -113,10 +116,11 @@ def test_client_killed_mid_store_leaks_nothing(server_process) -> None:
     time.sleep(2.0)
     proc.kill()
     proc.wait()
-    time.sleep(0.5)
+    time.sleep(1.5)  # past the lease: reserved memory is taken back
     with client_for(server) as client:
         client.clear()
         assert server.status()["tiers"]["memory"]["used_bytes"] == before == 0
+        assert server.status()["shared_memory"]["leases"] == 0
         assert client.store(list(range(32)), kv_for(2, 32)).stored_tokens == 32
 
 
@@ -133,6 +137,24 @@ def test_auth_is_required_on_data_plane_and_mutating_admin(server_process) -> No
     assert http_get(server.http_port, "/clear", token="nope", method="POST")[0] == 401
     assert http_get(server.http_port, "/clear", token="s3cret", method="POST")[0] == 200
     assert http_get(server.http_port, "/metrics")[0] == 200  # reading stays open
+
+
+@pytest.mark.parametrize("shared_memory", [False, True])
+def test_round_trip_over_tcp_and_shared_memory(inproc_server, shared_memory: bool) -> None:
+    """Store and retrieve give the same bits whichever transport carries the KV; outputs can be preallocated."""
+    tokens, kv = list(range(1000, 1090)), kv_for(8, 90)
+    with inproc_server.client(shared_memory=shared_memory) as client:
+        stored = client.store(tokens, kv)
+        assert (stored.stored_tokens, stored.skipped_tokens) == (80, 10)
+        assert client.store(tokens, kv).stored_tokens == 0
+        got = client.retrieve(tokens)
+        assert got.hit_tokens == 80 and same_bits(got.kv, kv[:, :, :80])
+        out = np.zeros_like(kv)
+        assert client.retrieve(tokens, out=out).kv is out and same_bits(out[:, :, :80], kv[:, :, :80])
+        partial = client.retrieve(tokens, skip_tokens=32)
+        assert partial.hit_tokens == 80 and partial.loaded_tokens == 48
+    status = inproc_server.server.service.status()
+    assert status["shared_memory"]["leases"] == 0
 
 
 def test_tenants_never_see_each_others_chunks(inproc_server) -> None:
@@ -251,7 +273,7 @@ def test_oversize_request_is_dropped_and_server_keeps_serving(server_process) ->
     server = server_process("--server-max-request-mb", "1")
     tokens = list(range(1024))  # 1024 tokens x 256 B = 256 KiB... make the KV frame exceed 1 MiB
     big = np.zeros(LAYOUT.chunk_shape(8192), np.float16)
-    with client_for(server, timeout=1.0, retries=0) as client, pytest.raises(ServerUnavailable):
+    with client_for(server, timeout=1.0, retries=0, shared_memory=False) as client, pytest.raises(ServerUnavailable):
         client.store(list(range(8192)), big)
     with client_for(server) as client:
         assert client.store(tokens, np.zeros(LAYOUT.chunk_shape(1024), np.float16)).stored_tokens == 1024

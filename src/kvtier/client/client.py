@@ -8,7 +8,10 @@ again. When every attempt fails the call raises :class:`ServerUnavailable`; call
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import mmap
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +36,28 @@ class ServerError(KVTierError):
     def __init__(self, status: Status, message: str) -> None:
         super().__init__(f"{status.name}: {message}")
         self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class SharedArena:
+    """The server's shared-memory pool, mapped into this process."""
+
+    path: str
+    array: np.ndarray
+    mapping: mmap.mmap
+
+    @classmethod
+    def open(cls, path: str) -> SharedArena:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            mapping = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        return cls(path, np.frombuffer(mapping, dtype=np.uint8), mapping)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):  # an array handed out may still view it
+            self.mapping.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +169,12 @@ class Connection:
 
 
 class KVTierClient:
-    """Talks to one server for one model, KV layout and parallel rank."""
+    """Talks to one server for one model, KV layout and parallel rank.
+
+    ``shared_memory``: copy KV through the server's shared-memory pool when it is reachable (same host;
+    only control messages cross the socket); None (default) uses it when available, False never, True
+    requires it.
+    """
 
     def __init__(
         self,
@@ -158,6 +188,7 @@ class KVTierClient:
         timeout: float = 10.0,
         retries: int = 2,
         auth_token: str | None = None,
+        shared_memory: bool | None = None,
         context: zmq.Context | None = None,
     ) -> None:
         self.layout = layout
@@ -170,6 +201,8 @@ class KVTierClient:
         }
         if chunk_size is not None:
             self._namespace["chunk_size"] = chunk_size
+        self.shared_memory = shared_memory
+        self._arena: SharedArena | None = None
 
     # -- ops ----------------------------------------------------------------------------------------
     def ping(self) -> dict[str, Any]:
@@ -180,23 +213,87 @@ class KVTierClient:
         return RemoteLookup(meta["hit_tokens"], meta["tiers"], meta["lease"])
 
     def store(self, tokens: Any, kv: np.ndarray, *, skip_tokens: int = 0, cache_salt: str = "") -> RemoteStore:
-        """Store ``kv`` ``(layers, kv, tokens, heads, head_dim)`` for ``tokens`` (sent without a copy when
-        ``kv`` is contiguous)."""
+        """Store ``kv`` ``(layers, kv, tokens, heads, head_dim)`` for ``tokens``: through shared memory when
+        available, else in one message (sent without a copy when ``kv`` is contiguous)."""
         encoded = token_bytes(tokens)
         n = self.layout.check_shape(kv.shape)
         if n != len(encoded) // 4:
             raise LayoutError(f"kv holds {n} tokens, {len(encoded) // 4} tokens given")
-        data = memoryview(np.ascontiguousarray(kv).reshape(-1).view(np.uint8))
-        meta = self._call(Op.STORE, {"cache_salt": cache_salt, "skip_tokens": skip_tokens}, [encoded, data]).meta
+        args = {"cache_salt": cache_salt, "skip_tokens": skip_tokens}
+        if self._use_shared_memory():
+            meta = self._store_shared(encoded, kv, args)
+        else:
+            data = memoryview(np.ascontiguousarray(kv).reshape(-1).view(np.uint8))
+            meta = self._call(Op.STORE, args, [encoded, data]).meta
         return RemoteStore(meta["stored_tokens"], meta["skipped_tokens"], meta["dropped_tokens"])
 
-    def retrieve(self, tokens: Any, *, skip_tokens: int = 0, cache_salt: str = "") -> RemoteRetrieve:
-        """The KV of the longest cached prefix (a read-only array over the received message)."""
-        reply = self._call(Op.RETRIEVE, {"cache_salt": cache_salt, "skip_tokens": skip_tokens}, [token_bytes(tokens)])
+    def retrieve(
+        self, tokens: Any, *, out: np.ndarray | None = None, skip_tokens: int = 0, cache_salt: str = ""
+    ) -> RemoteRetrieve:
+        """The KV of the longest cached prefix, copied into ``out`` when given (else a new array, or a
+        read-only view of the received message over TCP)."""
+        args = {"cache_salt": cache_salt, "skip_tokens": skip_tokens}
+        if self._use_shared_memory():
+            return self._retrieve_shared(token_bytes(tokens), args, out)
+        reply = self._call(Op.RETRIEVE, args, [token_bytes(tokens)])
         meta, frame = reply.meta, reply.payload[0] if reply.payload else memoryview(b"")
         end = len(frame) // self.layout.bytes_per_token
         kv = np.frombuffer(frame, dtype=self.layout.element.numpy_name).reshape(self.layout.chunk_shape(end))
+        if out is not None:
+            np.copyto(out[:, :, :end], kv)
+            kv = out
         return RemoteRetrieve(meta["hit_tokens"], meta["loaded_tokens"], meta["tiers"], kv)
+
+    # -- shared memory ------------------------------------------------------------------------------
+    def _use_shared_memory(self) -> bool:
+        if self.shared_memory is False:
+            return False
+        if self._arena is None:
+            try:
+                info = self._call(Op.SHM_INFO, {}).meta
+                self._arena = SharedArena.open(info["path"])
+            except (ServerError, OSError) as exc:
+                if self.shared_memory:
+                    raise KVTierError(f"shared memory requested but not usable: {exc}") from exc
+                self.shared_memory = False  # another host, or a server without it: stay on TCP
+                return False
+        return True
+
+    def _arena_for(self, path: str) -> SharedArena:
+        """The mapping of ``path``; a restarted server has a new file, which is mapped instead."""
+        if self._arena is None or self._arena.path != path:
+            if self._arena is not None:
+                self._arena.close()
+            self._arena = SharedArena.open(path)
+        return self._arena
+
+    def _chunk_view(self, arena: SharedArena, start: int, end: int, offset: int) -> np.ndarray:
+        nbytes = self.layout.chunk_bytes(end - start)
+        flat = arena.array[offset : offset + nbytes]
+        if len(flat) != nbytes:
+            raise ServerError(Status.INTERNAL, "chunk offset outside the shared-memory pool")
+        return flat.view(self.layout.element.numpy_name).reshape(self.layout.chunk_shape(end - start))
+
+    def _store_shared(self, encoded: bytes, kv: np.ndarray, args: dict[str, Any]) -> dict[str, Any]:
+        reserved = self._call(Op.STORE_RESERVE, args, [encoded]).meta
+        arena = self._arena_for(reserved["path"])
+        for start, end, offset in reserved["chunks"]:
+            np.copyto(self._chunk_view(arena, start, end, offset), kv[:, :, start:end])
+        return self._call(Op.STORE_COMMIT, {"lease": reserved["lease"]}).meta
+
+    def _retrieve_shared(self, encoded: bytes, args: dict[str, Any], out: np.ndarray | None) -> RemoteRetrieve:
+        pinned = self._call(Op.RETRIEVE_PIN, args, [encoded]).meta
+        try:
+            chunks = pinned["chunks"]
+            end = chunks[-1][1] if chunks else 0
+            if out is None:
+                out = np.zeros(self.layout.chunk_shape(end), self.layout.element.numpy_name)
+            arena = self._arena_for(pinned["path"])
+            for start, stop, offset in chunks:
+                np.copyto(out[:, :, start:stop], self._chunk_view(arena, start, stop, offset))
+        finally:
+            self._call(Op.SHM_RELEASE, {"lease": pinned["lease"]})
+        return RemoteRetrieve(pinned["hit_tokens"], pinned["loaded_tokens"], pinned["tiers"], out)
 
     def prefetch(self, tokens: Any, *, cache_salt: str = "") -> None:
         self._call(Op.PREFETCH, {"cache_salt": cache_salt}, [token_bytes(tokens)])
@@ -218,6 +315,9 @@ class KVTierClient:
 
     def close(self) -> None:
         self.connection.close()
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
 
     def __enter__(self) -> KVTierClient:
         return self

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -35,6 +36,29 @@ from kvtier.tokens.keys import CacheKey, Namespace
 log = logging.getLogger("kvtier")
 # Below this chunk size, handing a copy to another thread costs more than the copy itself.
 PARALLEL_COPY_MIN_BYTES = 1 << 20
+
+
+@dataclass(slots=True)
+class Reservation:
+    """Memory set aside by :meth:`CacheEngine.reserve`: ``objs[i]`` is to hold the KV of ``chunks[i]``."""
+
+    chunks: list[Chunk]
+    keys: list[CacheKey]
+    objs: list[MemoryObj]
+    cached_keys: list[CacheKey]  # chunks of the prompt already cached (pinned in memory: ``held``)
+    held: list[CacheKey]
+    num_tokens: int
+    dropped_tokens: int  # chunks that found no memory (always a tail of the prompt)
+    started: float
+
+
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    """Chunks handed out by :meth:`CacheEngine.acquire`: ``objs[i]`` holds ``chunks[i]`` (one reference each)."""
+
+    result: RetrieveResult
+    chunks: list[Chunk]
+    objs: list[MemoryObj]
 
 
 class CacheEngine:
@@ -138,41 +162,66 @@ class CacheEngine:
         marks a leading part to skip; its False count must be a multiple of ``chunk_size``. When memory is
         short only a prefix is stored (the rest is reported as dropped).
         """
+        source = as_source(kv, self.layout)
+        _check_covers(source, _token_count(tokens), "kv")
+        reservation = self.reserve(tokens, mask=mask, cache_salt=cache_salt, source=source)
+        try:
+            copies = [
+                partial(source.read_into, obj, c.start, c.end)
+                for c, obj in zip(reservation.chunks, reservation.objs, strict=True)
+            ]
+            self._wait(self._copy_all(copies, source))
+            source.synchronize()  # chunks are published (and may be read by others) only once complete
+        except BaseException:
+            self.abandon(reservation)
+            raise
+        return self.commit(reservation)
+
+    def reserve(self, tokens: Any, *, mask: Any = None, cache_salt: str = "", source: Any = None) -> Reservation:
+        """Set aside memory for the chunks of ``tokens`` not cached yet, for a caller that fills them itself
+        (:meth:`store`, or a client writing through shared memory); then :meth:`commit` or :meth:`abandon`.
+
+        Chunks already cached are pinned until then, so making room for the new ones cannot punch a hole in
+        this prefix. ``source`` (optional) is where the KV will be copied from, to align chunk memory with it.
+        """
         started = time.perf_counter()
         self.leases.expire()
         num_tokens = _token_count(tokens)
         skip = self._leading_skip(mask, num_tokens)
-        source = as_source(kv, self.layout)
-        _check_covers(source, num_tokens, "kv")
         chunks, keys = self.chunk_keys(tokens, cache_salt)
         todo = [(c, k) for c, k in zip(chunks, keys, strict=True) if c.start >= skip]
         present = [self.storage.contains_any(k) for _, k in todo]
-        # Pin what is already cached so making room for the new chunks cannot punch a hole in this prefix.
-        held = (
-            self.storage.memory.pin([k for (_, k), p in zip(todo, present, strict=True) if p])
-            if self.storage.memory is not None
-            else []
-        )
+        cached = [k for (_, k), p in zip(todo, present, strict=True) if p]
+        held = self.storage.memory.pin(cached) if self.storage.memory is not None else []
         new = [(c, k) for (c, k), p in zip(todo, present, strict=True) if not p]
         objs = self._allocate([c for c, _ in new], source)
+        dropped = sum(c.num_tokens for c, _ in new[len(objs) :])
+        new = new[: len(objs)]
+        return Reservation([c for c, _ in new], [k for _, k in new], objs, cached, held, num_tokens, dropped, started)
+
+    def commit(self, reservation: Reservation) -> StoreResult:
+        """Publish a filled reservation to every tier (memory now, slower tiers in the background)."""
         try:
-            copies = [partial(source.read_into, obj, c.start, c.end) for (c, _), obj in zip(new, objs, strict=False)]
-            self._wait(self._copy_all(copies, source))
-            source.synchronize()  # chunks are published (and may be read by others) only once complete
-            self.storage.write([k for _, k in new[: len(objs)]], objs)
+            self.storage.write(reservation.keys, reservation.objs)
             # Storing is a use of the chunks already cached: refresh them after inserting the new ones, so a
             # cached head stays newer than the tail stored behind it (else it is evicted first, orphaning the tail).
-            self.storage.touch([k for (_, k), p in zip(todo, present, strict=True) if p])
+            self.storage.touch(reservation.cached_keys)
         finally:
-            for obj in objs:
-                obj.unref()
-            if self.storage.memory is not None:
-                self.storage.memory.unpin(held)
-        stored = sum(c.num_tokens for c, _ in new[: len(objs)])
-        dropped = sum(c.num_tokens for c, _ in new[len(objs) :])
-        result = StoreResult(stored, num_tokens - stored - dropped, dropped, time.perf_counter() - started)
-        self._record_store(result, len(objs))
+            self.abandon(reservation)
+        stored = sum(c.num_tokens for c in reservation.chunks)
+        skipped = reservation.num_tokens - stored - reservation.dropped_tokens
+        result = StoreResult(stored, skipped, reservation.dropped_tokens, time.perf_counter() - reservation.started)
+        self._record_store(result, len(reservation.objs))
         return result
+
+    def abandon(self, reservation: Reservation) -> None:
+        """Give a reservation's memory and pins back without storing anything. Idempotent."""
+        objs, reservation.objs = reservation.objs, []
+        for obj in objs:
+            obj.unref()
+        held, reservation.held = reservation.held, []
+        if self.storage.memory is not None:
+            self.storage.memory.unpin(held)
 
     def _copy_all(self, copies: list[Callable[[], None]], side: KVSource | KVDestination) -> list[Future[None]]:
         """Run chunk copies; large numpy copies go to the copy threads (one thread cannot saturate memory
@@ -269,6 +318,27 @@ class CacheEngine:
         self._record_retrieve(result)
         return result
 
+    def acquire(self, tokens: Any, *, mask: Any = None, cache_salt: str = "") -> Acquired:
+        """The chunks of the longest cached prefix, by reference (no copy): the caller reads them in place
+        (the server's shared-memory path) and must ``unref()`` each object when done."""
+        started = time.perf_counter()
+        self.leases.expire()
+        num_tokens = _token_count(tokens)
+        skip = self._leading_skip(mask, num_tokens)
+        chunks, keys = self.chunk_keys(tokens, cache_salt)
+        wanted = [(c, k) for c, k in zip(chunks, keys, strict=True) if c.start >= skip]
+        sources = self._locate([c for c, _ in wanted], [k for _, k in wanted])
+        read = self.storage.read([k for _, k in wanted[: len(sources)]], sources)
+        loaded = [c for c, _ in wanted[: len(read.objs)]]
+        tiers = Counter[str]()
+        for chunk, name in zip(loaded, read.tiers, strict=True):
+            tiers[name] += chunk.num_tokens
+        loaded_tokens = sum(tiers.values())
+        hit = skip + loaded_tokens if loaded_tokens else 0
+        result = RetrieveResult(hit, loaded_tokens, num_tokens, None, dict(tiers), time.perf_counter() - started)
+        self._record_retrieve(result)
+        return Acquired(result, loaded, read.objs)
+
     def _record_retrieve(self, result: RetrieveResult) -> None:
         m = self.metrics
         m.retrieves.inc()
@@ -316,7 +386,6 @@ class CacheEngine:
     def delete(self, tokens: Any, *, cache_salt: str = "") -> int:
         """Remove the chunks of ``tokens`` from every tier; return how many were present."""
         _, keys = self.chunk_keys(tokens, cache_salt)
-        self.flush(10.0)
         return sum(self.storage.delete(k) for k in keys)
 
     def clear(self) -> int:

@@ -8,8 +8,10 @@ trusted (field types, sizes, counts, the chunk size), and a failure is a reply w
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
+import os
 import threading
 import time
 import uuid
@@ -26,6 +28,7 @@ from kvtier.errors import KVTierError
 from kvtier.memory.layout import KVLayout
 from kvtier.metrics import CacheMetrics, ServerMetrics
 from kvtier.protocol import MAX_KEYS, Message, Op, ProtocolError, Status, get_field, layout_from_meta
+from kvtier.server.shared_memory import LeaseTable, shared_memory_path
 from kvtier.storage.registry import build_storage
 from kvtier.tokens.keys import MAX_SALT_LENGTH, CacheKey, key_id_from_str
 
@@ -43,8 +46,10 @@ class CacheService:
         self.config = config
         self.metrics = CacheMetrics()
         self.server_metrics = ServerMetrics(self.metrics.registry)
-        self.storage = build_storage(config, self.metrics)
         self.server_id = uuid.uuid4().hex
+        self.shm_path = shared_memory_path(self.server_id) if config.server_shared_memory else None
+        self.storage = build_storage(config, self.metrics, shared_memory=self.shm_path)
+        self.shm_leases = LeaseTable(config.server_lease_sec)
         self.started = time.time()
         self._auth = config.auth_token()
         self._engines: dict[NamespaceKey, CacheEngine] = {}
@@ -63,6 +68,11 @@ class CacheService:
             Op.GET_KEYS: self._get_keys,
             Op.PUT_KEYS: self._put_keys,
             Op.DELETE_KEYS: self._delete_keys,
+            Op.SHM_INFO: self._shm_info,
+            Op.STORE_RESERVE: self._store_reserve,
+            Op.STORE_COMMIT: self._store_commit,
+            Op.RETRIEVE_PIN: self._retrieve_pin,
+            Op.SHM_RELEASE: self._shm_release,
         }
 
     # -- entry point --------------------------------------------------------------------------------
@@ -73,6 +83,7 @@ class CacheService:
             if request.timeout_ms and time.monotonic() > received_at + request.timeout_ms / 1000:
                 raise ProtocolError("deadline passed before the request was served", Status.DEADLINE_EXCEEDED)
             self._check_auth(request)
+            self.shm_leases.expire()
             handler = self._handlers.get(request.op)
             if handler is None:
                 raise ProtocolError(f"unknown op {request.op}", Status.UNKNOWN_OP)
@@ -256,6 +267,63 @@ class CacheService:
     def _delete_keys(self, request: Message) -> Message:
         return reply_to(request, {"deleted": sum(self.storage.delete(k) for k in self._keys(request))})
 
+    # -- shared memory (same-host clients) ----------------------------------------------------------
+    def _shm_info(self, request: Message) -> Message:
+        if self.shm_path is None:
+            raise ProtocolError("this server has no shared-memory pool (server_shared_memory: false)")
+        return reply_to(request, {"path": self.shm_path, "size": self.storage.pool.capacity_bytes})
+
+    def _store_reserve(self, request: Message) -> Message:
+        """Reserve memory for the new chunks; the client writes them at the returned offsets, then commits."""
+        engine, tokens = self.engine_for(request.meta), self._tokens(request)
+        reservation = engine.reserve(tokens, mask=self._mask(request, len(tokens)), cache_salt=self._salt(request.meta))
+        lease = self.shm_leases.open(lambda: engine.abandon(reservation), lambda: engine.commit(reservation))
+        chunks = [[c.start, c.end, o.offset] for c, o in zip(reservation.chunks, reservation.objs, strict=True)]
+        meta = {"lease": lease, "chunks": chunks, "dropped_tokens": reservation.dropped_tokens, "path": self.shm_path}
+        return reply_to(request, meta)
+
+    def _store_commit(self, request: Message) -> Message:
+        lease = self.shm_leases.take(get_field(request.meta, "lease", int))
+        if lease is None or lease.commit is None:
+            raise ProtocolError("unknown or expired store lease: nothing was stored")
+        result = lease.commit()
+        meta = {
+            "stored_tokens": result.stored_tokens,
+            "skipped_tokens": result.skipped_tokens,
+            "dropped_tokens": result.dropped_tokens,
+        }
+        return reply_to(request, meta)
+
+    def _retrieve_pin(self, request: Message) -> Message:
+        """Hand out the cached prefix's chunks in place; the client copies them, then releases the lease."""
+        engine, tokens = self.engine_for(request.meta), self._tokens(request)
+        acquired = engine.acquire(tokens, mask=self._mask(request, len(tokens)), cache_salt=self._salt(request.meta))
+
+        def release() -> None:
+            for obj in acquired.objs:
+                obj.unref()
+
+        lease = self.shm_leases.open(release)
+        chunks = [[c.start, c.end, o.offset] for c, o in zip(acquired.chunks, acquired.objs, strict=True)]
+        result = acquired.result
+        return reply_to(
+            request,
+            {
+                "lease": lease,
+                "chunks": chunks,
+                "path": self.shm_path,
+                "hit_tokens": result.hit_tokens,
+                "loaded_tokens": result.loaded_tokens,
+                "tiers": result.tier_tokens,
+            },
+        )
+
+    def _shm_release(self, request: Message) -> Message:
+        lease = self.shm_leases.take(get_field(request.meta, "lease", int))
+        if lease is not None:
+            lease.release()
+        return reply_to(request, {"released": lease is not None})
+
     # -- status -------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         tiers = {t.name: vars_of(t.usage()) for t in self.storage.tiers}
@@ -271,6 +339,7 @@ class CacheService:
             "tiers": tiers,
             "engines": engines,
             "clients": sum(self.server_metrics.clients.values().values()),
+            "shared_memory": {"path": self.shm_path, "leases": len(self.shm_leases)},
             "metrics": self.metrics.registry.snapshot(),
         }
 
@@ -278,9 +347,13 @@ class CacheService:
         with self._lock:
             engines = list(self._engines.values())
             self._engines.clear()
+        self.shm_leases.release_all()
         for engine in engines:
             engine.close()
         self.storage.close()
+        if self.shm_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.shm_path)
 
 
 def reply_to(request: Message, meta: dict[str, Any], payload: list[memoryview] | None = None) -> Message:

@@ -63,6 +63,7 @@ class DataPlane:
         log.info("kvtier data plane listening on %s", self.endpoint)
         while not self._stopping.is_set():
             events = dict(poller.poll(200))
+            self.service.shm_leases.expire()  # leases of clients that went away, even when nobody calls
             if self._wake_recv in events:
                 self._send_replies()
             if self.socket in events:

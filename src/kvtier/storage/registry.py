@@ -49,9 +49,11 @@ def create_remote_tier(url: str, config: KVTierConfig, metrics: CacheMetrics) ->
     return factory(url, config, metrics)  # type: ignore[no-any-return]
 
 
-def build_storage(config: KVTierConfig, metrics: CacheMetrics) -> TieredStorage:
-    """Memory (if ``local_cpu``), then local disk (if ``local_disk``), then the remote tier (if ``remote_url``)."""
-    pool = MemoryPool(config.local_cpu_bytes)
+def build_storage(config: KVTierConfig, metrics: CacheMetrics, *, shared_memory: str | None = None) -> TieredStorage:
+    """Memory (if ``local_cpu``), then local disk (if ``local_disk``), then the remote tier (if ``remote_url``).
+
+    ``shared_memory``: a file (e.g. in /dev/shm) backing the memory pool, so other processes can map it."""
+    pool = MemoryPool(config.local_cpu_bytes, backing_file=shared_memory)
     if config.pin_local_cpu:
         pool.pin_for_cuda()
     memory = MemoryTier(pool, make_policy(config.cache_policy), metrics) if config.local_cpu else None

@@ -273,6 +273,8 @@ class TieredStorage:
         return all(w.flush(timeout) for w in self.writers.values())
 
     def delete(self, key: CacheKey) -> bool:
+        """Remove ``key`` from every tier; queued background writes land first, so none re-adds it later."""
+        self.flush(10.0)
         return any([t.delete(key) for t in self.tiers])
 
     def clear(self) -> int:
