@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the embedded default (memory + local disk): set up, then run. Until the cache server
-# lands this is the engine's self-check (store, retrieve from memory and from disk, verify, time);
-# extra arguments go to the command, e.g. --tokens 8192 or --cache-policy S3FIFO.
+# The main job: set up, then run the kvtier cache server on the embedded default (memory + local disk under
+# ~/.cache/kvtier/disk): ZMQ data plane on 127.0.0.1:5555, HTTP admin and metrics on 127.0.0.1:8080.
+# Extra arguments go to `kvtier server`, e.g. --l1-size-gb 20 --eviction-policy LRU --chunk-size 256.
 source "$(dirname "$0")/env.sh"
-exec kvtier selfcheck "$@"
+exec kvtier server "$@"
