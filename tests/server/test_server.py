@@ -299,3 +299,55 @@ def test_server_process_logs_and_exits_cleanly_on_sigint(tmp_path) -> None:
     server = ServerProcess(tmp_path / "disk")
     assert server.stop(signal.SIGINT) == 0
     assert "kvtier server stopped" in server.log.read_text()
+
+
+def http_json(port: int, method: str, path: str, body: dict | None = None, token: str | None = None):  # type: ignore[no-untyped-def]
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body or {}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_admin_clear_by_tenant_delete_pin_and_quota(inproc_server) -> None:
+    """Clearing one tenant leaves the others; delete and pin act on a prompt's chunks; a tenant's quota
+    evicts only its own chunks."""
+    port, ns = inproc_server.http_port, {"model": "test-model", "layout": layout_to_meta(LAYOUT), "chunk_size": CHUNK}
+    with inproc_server.client() as client:
+        for salt in ("a", "b"):
+            client.store(list(range(64)), kv_for(9, 64), cache_salt=salt)
+        # 4 chunks, each in memory and on disk
+        assert http_json(port, "POST", "/clear", {"cache_salt": "a"}) == (200, {"cleared_chunks": 8})
+        assert client.lookup(list(range(64)), cache_salt="a").hit_tokens == 0
+        assert client.lookup(list(range(64)), cache_salt="b").hit_tokens == 64
+
+        status, pinned = http_json(port, "POST", "/pin", {**ns, "tokens": list(range(64)), "cache_salt": "b"})
+        assert status == 200 and pinned["pinned_tokens"] == 64
+        assert inproc_server.server.service.storage.memory.usage().pinned_chunks == 4
+        assert http_json(port, "POST", "/unpin", {"pin_id": pinned["pin_id"]}) == (200, {"unpinned": True})
+        assert http_json(port, "POST", "/delete", {**ns, "tokens": list(range(64)), "cache_salt": "b"})[1] == {
+            "deleted_chunks": 4
+        }
+
+        chunk_bytes = LAYOUT.chunk_bytes(CHUNK)
+        status, body = http_json(port, "PUT", "/quota/q", {"limit_gb": 3 * chunk_bytes / 2**30})
+        assert status == 200 and body["quotas"]["q"]["limit_bytes"] == 3 * chunk_bytes
+        client.store(list(range(100, 164)), kv_for(10, 64))  # another tenant, untouched by q's quota
+        client.store(list(range(64)), kv_for(11, 64), cache_salt="q")  # 4 chunks, quota 3: its own tail goes
+        quotas = http_json(port, "GET", "/quota")[1]["quotas"]
+        assert quotas["q"]["used_bytes"] <= 3 * chunk_bytes and quotas[""]["used_bytes"] == 4 * chunk_bytes
+        assert client.lookup(list(range(100, 164))).hit_tokens == 64
+        assert http_json(port, "DELETE", "/quota/q")[0] == 200
+    assert http_json(port, "POST", "/pin", {"tokens": "x"})[0] == 400
+    assert http_json(port, "PUT", "/quota/q", {"limit_gb": -1})[0] == 400
+    assert http_json(port, "POST", "/nope")[0] == 404

@@ -201,6 +201,7 @@ class CacheEngine:
 
     def commit(self, reservation: Reservation) -> StoreResult:
         """Publish a filled reservation to every tier (memory now, slower tiers in the background)."""
+        num_chunks = len(reservation.objs)
         try:
             self.storage.write(reservation.keys, reservation.objs)
             # Storing is a use of the chunks already cached: refresh them after inserting the new ones, so a
@@ -211,7 +212,7 @@ class CacheEngine:
         stored = sum(c.num_tokens for c in reservation.chunks)
         skipped = reservation.num_tokens - stored - reservation.dropped_tokens
         result = StoreResult(stored, skipped, reservation.dropped_tokens, time.perf_counter() - reservation.started)
-        self._record_store(result, len(reservation.objs))
+        self._record_store(result, num_chunks)
         return result
 
     def abandon(self, reservation: Reservation) -> None:

@@ -1,8 +1,9 @@
 """HTTP admin and metrics for the cache server (standard library only).
 
-``GET /healthcheck`` (200 healthy / 503 not ready), ``GET /status`` (JSON), ``GET /metrics`` (Prometheus text),
-``POST /clear`` (auth when configured), ``GET /openapi.json`` (this API described). Every handler answers with
-a JSON error body on bad input; nothing a client sends can stop the server.
+Reading: ``GET /healthcheck`` (200 healthy / 503 not ready), ``/status`` (JSON), ``/metrics`` (Prometheus text),
+``/quota``, ``/openapi.json`` (this API described). Changing, with the bearer token when the server has one:
+``POST /clear`` (all, or one tenant), ``/delete`` and ``/pin`` (a prompt's chunks), ``/unpin``,
+``PUT|DELETE /quota/<cache_salt>``. Bad input gets a 400 with the reason; nothing a client sends stops the server.
 """
 
 from __future__ import annotations
@@ -11,14 +12,26 @@ import hmac
 import json
 import logging
 import threading
+import urllib.parse
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from kvtier import __version__
+from kvtier.errors import KVTierError
+from kvtier.protocol import ProtocolError, get_field
 from kvtier.server.service import CacheService
 
 log = logging.getLogger("kvtier.server")
+MAX_BODY_BYTES = 64 << 20  # a /delete or /pin body lists at most server_max_tokens ids
+DEFAULT_TENANT = "_default"  # the tenant with no cache_salt, in /quota/<salt> paths
+
+
+def _salt_of(route: str) -> str:
+    salt = urllib.parse.unquote(route.removeprefix("/quota/"))
+    return "" if salt == DEFAULT_TENANT else salt
+
 
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
@@ -48,6 +61,42 @@ OPENAPI: dict[str, Any] = {
                 "security": [{"bearer": []}],
                 "responses": {"200": {"description": "cleared"}, "401": {"description": "auth"}},
             }
+        },
+        "/delete": {
+            "post": {
+                "summary": "Delete a prompt's chunks: {model, layout, tokens, cache_salt?}",
+                "security": [{"bearer": []}],
+                "responses": {"200": {"description": "deleted"}},
+            }
+        },
+        "/pin": {
+            "post": {
+                "summary": "Pin a prompt's cached prefix until /unpin: {model, layout, tokens}",
+                "security": [{"bearer": []}],
+                "responses": {"200": {"description": "pin_id"}},
+            }
+        },
+        "/unpin": {
+            "post": {
+                "summary": "Release a pin: {pin_id}",
+                "security": [{"bearer": []}],
+                "responses": {"200": {"description": "unpinned"}},
+            }
+        },
+        "/quota": {
+            "get": {"summary": "Memory quotas and use per tenant", "responses": {"200": {"description": "quotas"}}}
+        },
+        "/quota/{cache_salt}": {
+            "put": {
+                "summary": "Set a tenant's memory quota: {limit_gb} (_default = no salt)",
+                "security": [{"bearer": []}],
+                "responses": {"200": {"description": "quotas"}},
+            },
+            "delete": {
+                "summary": "Remove a tenant's quota",
+                "security": [{"bearer": []}],
+                "responses": {"200": {"description": "quotas"}},
+            },
         },
         "/openapi.json": {"get": {"summary": "This description", "responses": {"200": {"description": "spec"}}}},
     },
@@ -95,19 +144,81 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.OK, {**self.service.status(), "config": self._public_config()})
         elif route == "/metrics":
             self._send(HTTPStatus.OK, self.service.metrics.render().encode(), "text/plain; version=0.0.4")
+        elif route == "/quota":
+            self._json(HTTPStatus.OK, {"quotas": self.service.quotas()})
         elif route == "/openapi.json":
             self._json(HTTPStatus.OK, OPENAPI)
         else:
             self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {route}"})
 
     def do_POST(self) -> None:
+        self._mutate({"/clear": self._clear, "/delete": self._delete, "/pin": self._pin, "/unpin": self._unpin})
+
+    def do_PUT(self) -> None:
+        self._mutate({"/quota/": self._put_quota})
+
+    def do_DELETE(self) -> None:
+        self._mutate({"/quota/": self._delete_quota})
+
+    def _mutate(self, routes: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]]) -> None:
+        """Auth, then the route's action with the JSON body; bad input is a 400 with the reason."""
         route = self.path.split("?", 1)[0]
-        if route != "/clear":
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {route}"})
-        elif not self._authorized():
+        action = next(
+            (
+                fn
+                for prefix, fn in routes.items()
+                if route == prefix or (prefix.endswith("/") and route.startswith(prefix))
+            ),
+            None,
+        )
+        if action is None:
+            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {self.command} {route}"})
+            return
+        if not self._authorized():
             self._json(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"})
-        else:
-            self._json(HTTPStatus.OK, {"cleared_chunks": self.service.storage.clear()})
+            return
+        try:
+            self._json(HTTPStatus.OK, action(route, self._body()))
+        except (ProtocolError, KVTierError, ValueError) as exc:
+            self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+
+    def _body(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            raise ProtocolError(f"body larger than {MAX_BODY_BYTES} bytes")
+        raw = self.rfile.read(length) if length else b"{}"
+        try:
+            body = json.loads(raw or b"{}")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProtocolError(f"body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ProtocolError("body must be a JSON object")
+        return body
+
+    def _clear(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        salt = get_field(body, "cache_salt", str, None) if "cache_salt" in body else None
+        return {"cleared_chunks": self.service.clear(salt)}
+
+    def _delete(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"deleted_chunks": self.service.delete_tokens(body)}
+
+    def _pin(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        pin_id, tokens = self.service.pin_tokens(body)
+        return {"pin_id": pin_id, "pinned_tokens": tokens}
+
+    def _unpin(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"unpinned": self.service.unpin(get_field(body, "pin_id", int))}
+
+    def _put_quota(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        limit = get_field(body, "limit_gb", (int, float))
+        if isinstance(limit, bool) or not 0 <= limit < 1 << 20:
+            raise ProtocolError("limit_gb must be a number >= 0")
+        self.service.set_quota(_salt_of(route), int(limit * 2**30))
+        return {"quotas": self.service.quotas()}
+
+    def _delete_quota(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.service.set_quota(_salt_of(route), None)
+        return {"quotas": self.service.quotas()}
 
     def _authorized(self) -> bool:
         secret = self.service.config.auth_token()

@@ -12,6 +12,7 @@ import contextlib
 import hmac
 import logging
 import os
+import secrets
 import threading
 import time
 import uuid
@@ -54,6 +55,7 @@ class CacheService:
         self._auth = config.auth_token()
         self._engines: dict[NamespaceKey, CacheEngine] = {}
         self._lock = threading.Lock()
+        self._admin_pins: dict[int, list[tuple[Any, list[CacheKey]]]] = {}
         self._handlers: dict[int, Callable[[Message], Message]] = {
             Op.PING: self._ping,
             Op.LOOKUP: self._lookup,
@@ -324,6 +326,62 @@ class CacheService:
             lease.release()
         return reply_to(request, {"released": lease is not None})
 
+    # -- admin actions (HTTP) -----------------------------------------------------------------------
+    def clear(self, cache_salt: str | None = None) -> int:
+        """Remove every chunk, or every chunk of one tenant (memory and disk; remote stores are shared)."""
+        if cache_salt is None:
+            return self.storage.clear()
+        return self.storage.delete_namespaces(self.storage.tenant_namespaces(cache_salt))
+
+    def delete_tokens(self, body: dict[str, Any]) -> int:
+        engine, tokens = self.engine_for(body), self._body_tokens(body)
+        return engine.delete(tokens, cache_salt=self._salt(body))
+
+    def pin_tokens(self, body: dict[str, Any]) -> tuple[int, int]:
+        """Pin the cached prefix of ``tokens`` until :meth:`unpin` (no expiry); return (pin id, tokens pinned)."""
+        engine, tokens = self.engine_for(body), self._body_tokens(body)
+        chunks, keys = engine.chunk_keys(tokens, self._salt(body))
+        sources = self.storage.locate(keys)
+        pins = self.storage.pin(keys[: len(sources)], sources)
+        pin_id = secrets.randbits(62)
+        with self._lock:
+            self._admin_pins[pin_id] = pins
+        return pin_id, chunks[len(sources) - 1].end if sources else 0
+
+    def unpin(self, pin_id: int) -> bool:
+        with self._lock:
+            pins = self._admin_pins.pop(pin_id, None)
+        if pins is not None:
+            self.storage.unpin(pins)
+        return pins is not None
+
+    def set_quota(self, cache_salt: str, limit_bytes: int | None) -> None:
+        """Bytes tenant ``cache_salt`` may hold in memory (None: no limit); its own oldest chunks make room."""
+        if self.storage.memory is None:
+            raise ProtocolError("quotas apply to the memory tier, which is off (local_cpu: false)")
+        if limit_bytes is None:
+            self.storage.memory.quotas.pop(cache_salt, None)
+        else:
+            self.storage.memory.quotas[cache_salt] = limit_bytes
+
+    def quotas(self) -> dict[str, dict[str, int | None]]:
+        memory = self.storage.memory
+        if memory is None:
+            return {}
+        used = memory.tenant_bytes()
+        return {
+            t: {"limit_bytes": memory.quotas.get(t), "used_bytes": used.get(t, 0)}
+            for t in sorted(set(used) | set(memory.quotas))
+        }
+
+    def _body_tokens(self, body: dict[str, Any]) -> np.ndarray:
+        tokens = get_field(body, "tokens", list)
+        if len(tokens) > self.config.server_max_tokens:
+            raise ProtocolError(f"more than {self.config.server_max_tokens} tokens", Status.TOO_LARGE)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in tokens):
+            raise ProtocolError("tokens must be integers in [0, 2**32)")
+        return np.asarray(tokens, dtype="<u4")
+
     # -- status -------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         tiers = {t.name: vars_of(t.usage()) for t in self.storage.tiers}
@@ -340,6 +398,7 @@ class CacheService:
             "engines": engines,
             "clients": sum(self.server_metrics.clients.values().values()),
             "shared_memory": {"path": self.shm_path, "leases": len(self.shm_leases)},
+            "quotas": self.quotas(),
             "metrics": self.metrics.registry.snapshot(),
         }
 

@@ -10,7 +10,7 @@ loops; a tier that can do better (one round trip for many keys) overrides them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from kvtier.memory.layout import KVLayout
@@ -81,6 +81,11 @@ class StorageTier(ABC):
 
     @abstractmethod
     def usage(self) -> TierUsage: ...
+
+    def delete_namespaces(self, digests: Collection[bytes]) -> int:
+        """Remove every chunk of the namespaces with these digests (e.g. one tenant's); return how many.
+        Tiers that cannot list their contents (shared remote stores) remove nothing."""
+        return 0
 
     def pin(self, keys: Sequence[CacheKey]) -> list[CacheKey]:
         """Protect ``keys`` from eviction; return those actually pinned (present here)."""

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from kvtier.codecs.chunk_format import HEADER_SIZE, decode_header, make_header, verify_payload
@@ -223,6 +223,24 @@ class DiskTier(StorageTier):
                 self.policy.remove(key_id)
                 self._forget(key_id)
             return len(key_ids)
+
+    def delete_namespaces(self, digests: Collection[bytes]) -> int:
+        with self._lock:
+            doomed = [i for i in self._sizes if i[:NAMESPACE_DIGEST_SIZE] in digests]
+            for key_id in doomed:
+                self.policy.remove(key_id)
+                self._forget(key_id)
+            return len(doomed)
+
+    def namespaces(self) -> dict[bytes, dict[str, object]]:
+        """What ``namespace.json`` says of each namespace directory (written on first store)."""
+        found = {}
+        for path in self.root.glob("*/namespace.json"):
+            try:
+                found[bytes.fromhex(path.parent.name)] = json.loads(path.read_text())
+            except (ValueError, OSError):
+                continue
+        return found
 
     def pin(self, keys: Sequence[CacheKey]) -> list[CacheKey]:
         with self._lock:

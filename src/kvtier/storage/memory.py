@@ -8,7 +8,7 @@ holds stays valid until the reader lets go.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from kvtier.memory.layout import KVLayout
 from kvtier.memory.memory_obj import MemoryObj
@@ -16,7 +16,7 @@ from kvtier.memory.pool import MemoryPool
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.base import Allocate, PinTable, StorageTier, TierUsage
 from kvtier.storage.eviction import EvictionPolicy
-from kvtier.tokens.keys import CacheKey
+from kvtier.tokens.keys import NAMESPACE_DIGEST_SIZE, CacheKey, Namespace
 
 
 class MemoryTier(StorageTier):
@@ -29,6 +29,8 @@ class MemoryTier(StorageTier):
         self._entries: dict[CacheKey, MemoryObj] = {}
         self._pins = PinTable()
         self._lock = threading.RLock()
+        self.quotas: dict[str, int] = {}  # tenant (cache_salt) -> bytes it may hold here
+        self._tenant_bytes: dict[str, int] = {}
 
     def contains(self, key: CacheKey) -> bool:
         return key in self._entries
@@ -42,12 +44,51 @@ class MemoryTier(StorageTier):
             return obj.ref()
 
     def put(self, key: CacheKey, obj: MemoryObj) -> bool:
+        """Keep ``obj``; False if ``key`` is present, or its tenant is over quota even after evicting the
+        tenant's own unpinned chunks (a quota never evicts another tenant's)."""
+        tenant = _tenant(key)
         with self._lock:
             if key in self._entries:
                 return False
+            quota = self.quotas.get(tenant)
+            if quota is not None and not self._fit_quota(tenant, obj.nbytes, quota):
+                self.metrics.errors.inc(tier=self.name, kind="quota")
+                return False
             self._entries[key] = obj.ref()
+            self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + obj.nbytes
             self.policy.insert(key)
             return True
+
+    def _fit_quota(self, tenant: str, nbytes: int, quota: int) -> bool:
+        while self._tenant_bytes.get(tenant, 0) + nbytes > quota:
+            victim = self.policy.victim(lambda k: _tenant(k) == tenant and not self._pins.is_pinned(k))
+            if victim is None:
+                return False
+            self._drop(victim)  # type: ignore[arg-type]
+            self.metrics.evictions.inc(tier=self.name)
+        return True
+
+    def _drop(self, key: CacheKey) -> None:
+        """Forget ``key`` (already removed from the policy) and release its memory."""
+        obj = self._entries.pop(key)
+        tenant = _tenant(key)
+        self._tenant_bytes[tenant] -= obj.nbytes
+        obj.unref()
+
+    def tenant_bytes(self) -> dict[str, int]:
+        with self._lock:
+            return {t: n for t, n in self._tenant_bytes.items() if n}
+
+    def delete_namespaces(self, digests: Collection[bytes]) -> int:
+        with self._lock:
+            doomed = [k for k in self._entries if k.id[:NAMESPACE_DIGEST_SIZE] in digests]
+            for key in doomed:
+                self.delete(key)
+            return len(doomed)
+
+    def namespaces(self) -> dict[bytes, Namespace]:
+        with self._lock:
+            return {k.namespace.digest: k.namespace for k in self._entries if k.namespace is not None}
 
     def put_many(self, keys: Sequence[CacheKey], objs: Sequence[MemoryObj]) -> int:
         # Tail first: the head of the prompt ends up newest, so it is evicted last.
@@ -74,16 +115,15 @@ class MemoryTier(StorageTier):
                 victim = self.policy.victim(lambda k: not self._pins.is_pinned(k))
                 if victim is None:
                     return None
-                self._entries.pop(victim).unref()  # type: ignore[call-overload]
+                self._drop(victim)  # type: ignore[arg-type]
                 self.metrics.evictions.inc(tier=self.name)
 
     def delete(self, key: CacheKey) -> bool:
         with self._lock:
-            obj = self._entries.pop(key, None)
-            if obj is None:
+            if key not in self._entries:
                 return False
             self.policy.remove(key)
-            obj.unref()
+            self._drop(key)
             return True
 
     def clear(self) -> int:
@@ -115,3 +155,7 @@ class MemoryTier(StorageTier):
 
     def close(self) -> None:
         self.clear()
+
+
+def _tenant(key: CacheKey) -> str:
+    return key.namespace.cache_salt if key.namespace is not None else ""

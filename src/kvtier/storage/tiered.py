@@ -20,6 +20,7 @@ from kvtier.memory.memory_obj import MemoryObj
 from kvtier.memory.pool import MemoryPool
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.base import StorageTier
+from kvtier.storage.disk import DiskTier
 from kvtier.storage.memory import MemoryTier
 from kvtier.storage.writer import BackgroundWriter
 from kvtier.tokens.keys import CacheKey
@@ -276,6 +277,20 @@ class TieredStorage:
         """Remove ``key`` from every tier; queued background writes land first, so none re-adds it later."""
         self.flush(10.0)
         return any([t.delete(key) for t in self.tiers])
+
+    def tenant_namespaces(self, cache_salt: str) -> set[bytes]:
+        """Digests of every namespace of tenant ``cache_salt`` with chunks in memory or on a disk tier."""
+        digests = (
+            {d for d, ns in self.memory.namespaces().items() if ns.cache_salt == cache_salt} if self.memory else set()
+        )
+        for tier in self.lower:
+            if isinstance(tier, DiskTier):
+                digests |= {d for d, info in tier.namespaces().items() if info.get("cache_salt") == cache_salt}
+        return digests
+
+    def delete_namespaces(self, digests: set[bytes]) -> int:
+        self.flush(10.0)
+        return sum(t.delete_namespaces(digests) for t in self.tiers)
 
     def clear(self) -> int:
         self.flush(10.0)
