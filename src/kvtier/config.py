@@ -72,6 +72,9 @@ class KVTierConfig:
     """Keep chunks in host memory (L1). If false, memory only stages chunks for slower tiers."""
     max_local_cpu_size: float = 5.0
     """Host memory budget in GiB (also the staging budget when ``local_cpu`` is false)."""
+    local_cpu_prefault: bool = False
+    """Make the whole memory budget resident in the background at start, so first stores do not pay page
+    faults (the server does this by default)."""
     pin_local_cpu: bool = False
     """Page-lock host memory with CUDA so copies to/from GPU tensors are asynchronous (needs torch + CUDA)."""
     cache_policy: str = "LRU"

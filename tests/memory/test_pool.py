@@ -201,3 +201,20 @@ def test_align_like_is_ignored_for_small_chunks() -> None:
     obj = pool.allocate(layout, 4, align_like=16)
     assert obj is not None and obj.offset == obj.block and pool.used_bytes == 4096
     obj.unref()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_prefault_keeps_contents_and_makes_memory_resident(tmp_path: Path, shared: bool) -> None:
+    """Prefaulting runs beside live chunks without changing a byte of them."""
+    layout = KVLayout(2, 2, 256)
+    pool = MemoryPool(8 * 2**20, backing_file=str(tmp_path / "arena") if shared else None)
+    obj = pool.allocate(layout, 512)
+    assert obj is not None
+    obj.data[:] = np.arange(obj.nbytes, dtype=np.uint64).astype(np.uint8)
+    before = obj.data.copy()
+    thread = pool.prefault()
+    assert thread is not None
+    thread.join(30)
+    assert np.array_equal(obj.data, before)
+    obj.unref()
+    pool.close()

@@ -22,6 +22,7 @@ from kvtier.memory.layout import KVLayout
 from kvtier.memory.memory_obj import MemoryObj
 
 PAGE = 4096
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14; Python 3.11 lacks the name
 # Chunks smaller than this are not worth an extra page to match a buffer's alignment.
 ALIGN_HINT_MIN_BYTES = 1 << 20
 
@@ -76,6 +77,25 @@ class MemoryPool:
     @property
     def cuda_pinned(self) -> bool:
         return self._cuda_unregister is not None and self._cuda_unregister.alive
+
+    def prefault(self) -> threading.Thread | None:
+        """Make the whole arena resident in the background, so first stores do not pay page faults
+        (1-2 GB/s here, against 10+ GB/s into resident memory). Uses MADV_POPULATE_WRITE (Linux >= 5.14),
+        which allocates pages without touching their contents, so it is safe while chunks are in use; on
+        other systems it does nothing. Returns the thread (for tests), or None."""
+        if not self.capacity_bytes or not hasattr(self._mmap, "madvise"):
+            return None
+        thread = threading.Thread(target=self._populate, name="kvtier-prefault", daemon=True)
+        thread.start()
+        return thread
+
+    def _populate(self) -> None:
+        step = 64 << 20
+        for start in range(0, self.capacity_bytes, step):
+            try:
+                self._mmap.madvise(MADV_POPULATE_WRITE, start, min(step, self.capacity_bytes - start))
+            except (OSError, ValueError):  # an older kernel, or the pool was closed meanwhile
+                return
 
     def view(self, offset: int, nbytes: int) -> np.ndarray:
         return self._array[offset : offset + nbytes]

@@ -18,7 +18,11 @@ from kvtier.server.service import CacheService
 from kvtier.server.zmq_server import DataPlane
 
 log = logging.getLogger("kvtier.server")
-SERVER_DEFAULTS: dict[str, Any] = {"local_disk": default_disk_path(), "max_local_disk_size": 10.0}
+SERVER_DEFAULTS: dict[str, Any] = {
+    "local_disk": default_disk_path(),
+    "max_local_disk_size": 10.0,
+    "local_cpu_prefault": True,  # a long-running service: take the page faults once, at start
+}
 
 
 class Server:

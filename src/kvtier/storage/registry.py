@@ -55,7 +55,9 @@ def build_storage(config: KVTierConfig, metrics: CacheMetrics, *, shared_memory:
     ``shared_memory``: a file (e.g. in /dev/shm) backing the memory pool, so other processes can map it."""
     pool = MemoryPool(config.local_cpu_bytes, backing_file=shared_memory)
     if config.pin_local_cpu:
-        pool.pin_for_cuda()
+        pool.pin_for_cuda()  # makes every page resident itself
+    elif config.local_cpu_prefault:
+        pool.prefault()
     memory = MemoryTier(pool, make_policy(config.cache_policy), metrics) if config.local_cpu else None
     lower: list[StorageTier] = []
     if config.local_disk:
