@@ -14,6 +14,7 @@ import mmap
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,10 @@ class SharedArena:
     def open(cls, path: str) -> SharedArena:
         fd = os.open(path, os.O_RDWR)
         try:
-            mapping = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)
+            # MAP_POPULATE: build the page tables now, once, instead of one fault per page on first copies
+            # (those ran at ~2 GB/s against ~10 GB/s once mapped).
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mapping = mmap.mmap(fd, os.fstat(fd).st_size, flags=flags)
         finally:
             os.close(fd)
         return cls(path, np.frombuffer(mapping, dtype=np.uint8), mapping)
@@ -203,6 +207,7 @@ class KVTierClient:
             self._namespace["chunk_size"] = chunk_size
         self.shared_memory = shared_memory
         self._arena: SharedArena | None = None
+        self._copiers: ThreadPoolExecutor | None = None
 
     # -- ops ----------------------------------------------------------------------------------------
     def ping(self) -> dict[str, Any]:
@@ -277,9 +282,19 @@ class KVTierClient:
     def _store_shared(self, encoded: bytes, kv: np.ndarray, args: dict[str, Any]) -> dict[str, Any]:
         reserved = self._call(Op.STORE_RESERVE, args, [encoded]).meta
         arena = self._arena_for(reserved["path"])
-        for start, end, offset in reserved["chunks"]:
-            np.copyto(self._chunk_view(arena, start, end, offset), kv[:, :, start:end])
+        self._copy_chunks([(self._chunk_view(arena, s, e, o), kv[:, :, s:e]) for s, e, o in reserved["chunks"]])
         return self._call(Op.STORE_COMMIT, {"lease": reserved["lease"]}).meta
+
+    def _copy_chunks(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """``np.copyto(dst, src)`` for each pair; large chunks on two threads (numpy releases the GIL, and one
+        core cannot saturate memory bandwidth)."""
+        if len(pairs) > 1 and pairs[0][0].nbytes >= 1 << 20:
+            if self._copiers is None:
+                self._copiers = ThreadPoolExecutor(2, thread_name_prefix="kvtier-client-copy")
+            list(self._copiers.map(lambda pair: np.copyto(*pair), pairs))
+        else:
+            for dst, src in pairs:
+                np.copyto(dst, src)
 
     def _retrieve_shared(self, encoded: bytes, args: dict[str, Any], out: np.ndarray | None) -> RemoteRetrieve:
         pinned = self._call(Op.RETRIEVE_PIN, args, [encoded]).meta
@@ -289,8 +304,7 @@ class KVTierClient:
             if out is None:
                 out = np.zeros(self.layout.chunk_shape(end), self.layout.element.numpy_name)
             arena = self._arena_for(pinned["path"])
-            for start, stop, offset in chunks:
-                np.copyto(out[:, :, start:stop], self._chunk_view(arena, start, stop, offset))
+            self._copy_chunks([(out[:, :, s:e], self._chunk_view(arena, s, e, o)) for s, e, o in chunks])
         finally:
             self._call(Op.SHM_RELEASE, {"lease": pinned["lease"]})
         return RemoteRetrieve(pinned["hit_tokens"], pinned["loaded_tokens"], pinned["tiers"], out)
@@ -315,6 +329,9 @@ class KVTierClient:
 
     def close(self) -> None:
         self.connection.close()
+        if self._copiers is not None:
+            self._copiers.shutdown()
+            self._copiers = None
         if self._arena is not None:
             self._arena.close()
             self._arena = None
