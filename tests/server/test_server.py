@@ -351,3 +351,34 @@ def test_admin_clear_by_tenant_delete_pin_and_quota(inproc_server) -> None:
     assert http_json(port, "POST", "/pin", {"tokens": "x"})[0] == 400
     assert http_json(port, "PUT", "/quota/q", {"limit_gb": -1})[0] == 400
     assert http_json(port, "POST", "/nope")[0] == 404
+
+
+def test_a_flood_of_clients_gets_backpressure_not_failures(tmp_path) -> None:
+    """With one worker and room for one request in flight, 12 concurrent clients are told BUSY, back off and
+    retry, and every store and retrieve still completes correctly."""
+    import threading
+
+    from conftest import InProcessServer
+
+    server = InProcessServer(tmp_path / "disk", server_workers=1, server_max_inflight=1)
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            with server.client(retries=20, shared_memory=False) as client:
+                tokens, kv = list(range(i * 100, i * 100 + 48)), kv_for(i, 48)
+                for _ in range(5):
+                    client.store(tokens, kv)
+                    assert same_bits(client.retrieve(tokens).kv, kv)
+        except BaseException as exc:  # collected and re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    busy = server.server.service.server_metrics.requests
+    server.stop()
+    assert not errors, errors[:3]
+    assert sum(busy.value(op=op, status="BUSY") for op in ("STORE", "RETRIEVE")) > 0

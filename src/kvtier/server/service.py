@@ -80,7 +80,7 @@ class CacheService:
     # -- entry point --------------------------------------------------------------------------------
     def handle(self, request: Message, received_at: float) -> Message:
         """The reply to ``request``; never raises."""
-        name = _op_name(request.op)
+        name = op_name(request.op)
         try:
             if request.timeout_ms and time.monotonic() > received_at + request.timeout_ms / 1000:
                 raise ProtocolError("deadline passed before the request was served", Status.DEADLINE_EXCEEDED)
@@ -427,7 +427,7 @@ def vars_of(usage: object) -> dict[str, Any]:
     return {name: getattr(usage, name) for name in usage.__slots__}  # type: ignore[attr-defined]
 
 
-def _op_name(op: int) -> str:
+def op_name(op: int) -> str:
     try:
         return Op(op).name
     except ValueError:

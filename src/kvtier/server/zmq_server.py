@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 
 from kvtier.protocol import Message, ProtocolError, Status, decode, encode
-from kvtier.server.service import CacheService, error_reply
+from kvtier.server.service import CacheService, error_reply, op_name
 
 log = logging.getLogger("kvtier.server")
 CLIENT_WINDOW_SEC = 60.0
@@ -89,12 +89,15 @@ class DataPlane:
             horizon = received - CLIENT_WINDOW_SEC
             self._clients = {k: v for k, v in self._clients.items() if v >= horizon}
         self.service.server_metrics.received_bytes.inc(sum(len(f.buffer) for f in frames[1:]))
+        requests = self.service.server_metrics.requests
         try:
             request = decode(frames[1:])
         except ProtocolError as exc:
+            requests.inc(op="UNDECODABLE", status=exc.status.name)
             self._send(identity, _undecodable_reply(exc))
             return
         if self._inflight >= self._max_inflight:
+            requests.inc(op=op_name(request.op), status=Status.BUSY.name)
             self._send(identity, error_reply(request, Status.BUSY, "server busy, retry later"))
             return
         self._inflight += 1
