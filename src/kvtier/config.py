@@ -125,8 +125,10 @@ class KVTierConfig:
     """Threads executing requests in the server."""
     server_max_inflight: int = 64
     """Requests the server accepts at once; beyond it clients are told to back off (status BUSY)."""
-    server_max_request_mb: int = 2048
+    server_max_request_mb: int = 1024
     """Largest request message in MiB; larger ones are dropped by the transport."""
+    server_max_inflight_mb: int = 2048
+    """MiB of request payloads the server holds in progress; beyond it clients are told BUSY."""
     server_max_tokens: int = 1 << 20
     """Most tokens one request may carry."""
     server_shared_memory: bool = True

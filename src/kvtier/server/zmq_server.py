@@ -3,7 +3,8 @@
 The socket is only touched by the loop thread (ZMQ sockets are not thread-safe): it receives a request,
 decodes it, hands it to a worker and, when a worker finishes, sends its reply. Workers signal the loop over an
 inproc socket. The transport drops messages above ``server_max_request_mb``; beyond ``server_max_inflight``
-requests in progress a client gets ``BUSY`` at once instead of queueing without bound. A malformed message
+requests or ``server_max_inflight_mb`` of request payloads in progress a client gets ``BUSY`` at once instead
+of queueing without bound. A malformed message
 gets an error reply (when it can be addressed) and is otherwise dropped; nothing a client sends stops the loop.
 """
 
@@ -34,6 +35,8 @@ class DataPlane:
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, config.server_max_request_mb << 20)
+        # ZMQ counts queued messages, not bytes: keep its queue short so waiting requests stay bounded too.
+        self.socket.setsockopt(zmq.RCVHWM, config.server_max_inflight)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)  # a reply to a vanished client is dropped, not an error
         self.endpoint = f"tcp://{config.host}:{config.port}"
         self.socket.bind(self.endpoint)
@@ -42,10 +45,12 @@ class DataPlane:
         self._wake_send = self.context.socket(zmq.PUSH)
         self._wake_send.connect(WAKE_ADDRESS + f"-{id(self)}")
         self._wake_lock = threading.Lock()
-        self._replies: queue.SimpleQueue[tuple[bytes, Message]] = queue.SimpleQueue()
+        self._replies: queue.SimpleQueue[tuple[bytes, Message, int]] = queue.SimpleQueue()
         self._workers = ThreadPoolExecutor(config.server_workers, thread_name_prefix="kvtier-worker")
         self._inflight = 0
+        self._inflight_bytes = 0  # request payloads held by requests in progress
         self._max_inflight = config.server_max_inflight
+        self._max_inflight_bytes = config.server_max_inflight_mb << 20
         self._clients: dict[bytes, float] = {}
         self._stopping = threading.Event()
         m = service.server_metrics
@@ -96,16 +101,19 @@ class DataPlane:
             requests.inc(op="UNDECODABLE", status=exc.status.name)
             self._send(identity, _undecodable_reply(exc))
             return
-        if self._inflight >= self._max_inflight:
+        size = sum(len(f) for f in request.payload)
+        over_bytes = self._inflight and self._inflight_bytes + size > self._max_inflight_bytes
+        if self._inflight >= self._max_inflight or over_bytes:
             requests.inc(op=op_name(request.op), status=Status.BUSY.name)
             self._send(identity, error_reply(request, Status.BUSY, "server busy, retry later"))
             return
         self._inflight += 1
-        self._workers.submit(self._work, identity, request, received)
+        self._inflight_bytes += size
+        self._workers.submit(self._work, identity, request, received, size)
 
-    def _work(self, identity: bytes, request: Message, received: float) -> None:
+    def _work(self, identity: bytes, request: Message, received: float, size: int) -> None:
         reply = self.service.handle(request, received)
-        self._replies.put((identity, reply))
+        self._replies.put((identity, reply, size))
         with self._wake_lock:  # one PUSH socket shared by the workers: serialise its use
             self._wake_send.send(b"", zmq.NOBLOCK)
 
@@ -117,10 +125,11 @@ class DataPlane:
                 break
         while True:
             try:
-                identity, reply = self._replies.get_nowait()
+                identity, reply, size = self._replies.get_nowait()
             except queue.Empty:
                 return
             self._inflight -= 1
+            self._inflight_bytes -= size
             self._send(identity, reply)
 
     def _send(self, identity: bytes, reply: Message) -> None:
