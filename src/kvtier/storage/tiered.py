@@ -134,7 +134,7 @@ class TieredStorage:
         pending = self._start_reads(keys, sources)
         objs: list[MemoryObj] = []
         names: list[str] = []
-        promoted: list[tuple[CacheKey, MemoryObj]] = []
+        promoted: list[tuple[CacheKey, MemoryObj, StorageTier]] = []
         resolved = 0  # pending[:resolved] are owned by objs or were misses; the rest must be released
         try:
             for i, (key, tier) in enumerate(zip(keys, sources, strict=True)):
@@ -147,7 +147,7 @@ class TieredStorage:
                 objs.append(obj)
                 names.append(source.name)
                 if source is not self.memory:
-                    promoted.append((key, obj))
+                    promoted.append((key, obj, source))
                 if consume is not None:
                     consume(i, obj)
         except BaseException:
@@ -213,14 +213,17 @@ class TieredStorage:
                     return obj, tier
         return None, failed
 
-    def _promote(self, pairs: list[tuple[CacheKey, MemoryObj]]) -> None:
-        if not pairs:
+    def _promote(self, promoted: list[tuple[CacheKey, MemoryObj, StorageTier]]) -> None:
+        """Keep chunks read from slower tiers in memory and queue them for the other slower tiers (a remote hit
+        is also kept on local disk), never for the tier they came from: that would send them back to it."""
+        if not promoted:
             return
-        keys = [k for k, _ in pairs]
-        objs = [o for _, o in pairs]
         if self.memory is not None:
-            self.metrics.promotions.inc(self.memory.put_many(keys, objs))
-        self.submit_lower(keys, objs)  # e.g. a remote hit is also kept on local disk
+            self.metrics.promotions.inc(self.memory.put_many([k for k, _, _ in promoted], [o for _, o, _ in promoted]))
+        for writer in self.writers.values():
+            due = [(k, o) for k, o, source in promoted if source is not writer.tier]
+            if writer.tier.admit_after_hits == 0 and due:
+                writer.submit([k for k, _ in due], [o for _, o in due])
 
     def write(self, keys: Sequence[CacheKey], objs: Sequence[MemoryObj]) -> int:
         """Store into memory now and into slower tiers in the background; return chunks new to memory."""

@@ -1,0 +1,569 @@
+"""The Redis/Valkey tier against real redis-server processes: the storage contract on a standalone server and on
+a 3-master cluster; URL parsing; one round trip per prompt; TTL; AUTH/ACL, TLS and Sentinel; faults (a hung, dead
+and restarted server, damaged values); two processes sharing KV; admission after N hits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import redis_servers
+from contract import StorageTierContract, read, store
+from redis_servers import RedisClusterServers, RedisSentinel, RedisServer, free_ports
+
+from kvtier import CacheEngine, KVLayout, load_config
+from kvtier.codecs.chunk_format import HEADER_SIZE, decode_header
+from kvtier.config import KVTierConfig
+from kvtier.errors import ConfigError
+from kvtier.metrics import CacheMetrics
+from kvtier.storage.redis import RedisURL, create_redis_tier, parse_url
+from kvtier.storage.registry import create_remote_tier
+from kvtier.storage.remote import RemoteTier
+
+# Fixtures defined with the servers, used here by name.
+redis_server = redis_servers.redis_server
+redis_cluster = redis_servers.redis_cluster
+own_redis = redis_servers.own_redis
+
+LAYOUT = KVLayout(2, 2, 16)  # 256 bytes per token: a 16-token chunk is 4 KiB
+CHUNK = 16
+
+
+def config(url: str, **overrides: object) -> KVTierConfig:
+    """A configuration with its own key prefix, so tests sharing a server never see each other's chunks."""
+    values = {"remote_url": url, "remote_prefix": f"test-{uuid.uuid4().hex[:12]}", "remote_timeout_sec": 5.0}
+    return load_config(env={}, overrides={**values, **overrides})
+
+
+def engine_config(url: str, **overrides: object) -> KVTierConfig:
+    return config(url, chunk_size=CHUNK, max_local_cpu_size=0.01, **overrides)
+
+
+def random_kv(tokens: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(LAYOUT.chunk_shape(tokens)).astype(np.float16)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return np.array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+
+
+def names_under(server: RedisServer, prefix: str) -> list[bytes]:
+    with server.client() as client:
+        return sorted(client.scan_iter(match=f"{prefix}/*"))
+
+
+@pytest.fixture
+def make_tier(metrics: CacheMetrics) -> Iterator:  # type: ignore[type-arg]
+    """``make_tier(url, **config)``: a redis tier under a fresh prefix, cleared and closed after the test."""
+    made: list[RemoteTier] = []
+
+    def make(url: str, **overrides: object) -> RemoteTier:
+        tier = create_redis_tier(url, config(url, **overrides), metrics)
+        made.append(tier)
+        return tier
+
+    yield make
+    for tier in made:
+        tier.clear()
+        tier.close()
+
+
+# -- the storage contract ------------------------------------------------------------------------------------------
+
+
+class TestRedisTier(StorageTierContract):
+    exact_usage = False  # a shared store is not counted (see RemoteTier.usage)
+
+    @pytest.fixture
+    def tier(self, redis_server: RedisServer, make_tier) -> RemoteTier:
+        return make_tier(redis_server.url)  # type: ignore[no-any-return]
+
+
+class TestRedisClusterTier(StorageTierContract):
+    exact_usage = False
+
+    @pytest.fixture
+    def tier(self, redis_cluster: RedisClusterServers, make_tier) -> RemoteTier:
+        return make_tier(redis_cluster.url)  # type: ignore[no-any-return]
+
+
+# -- what is stored, and how it is asked for ------------------------------------------------------------------------
+
+
+def test_one_key_per_chunk_holding_header_and_payload(redis_server, make_tier, make_obj, make_keys, content) -> None:
+    """Each chunk is one key ``<prefix>/<key>`` whose value is the 128-byte header followed by the payload."""
+    tier = make_tier(redis_server.url)
+    keys = make_keys(3)
+    store(tier, make_obj, keys, 32)
+    assert names_under(redis_server, tier.prefix[:-1]) == sorted(tier.name_for(k).encode() for k in keys)
+    with redis_server.client() as client:
+        value = client.get(tier.name_for(keys[0]))
+        assert client.pttl(tier.name_for(keys[0])) == -1  # no TTL unless configured
+    header = decode_header(value[:HEADER_SIZE], keys[0].id)
+    assert header.num_tokens == 32 and len(value) == HEADER_SIZE + header.payload_size
+    assert value[HEADER_SIZE:] == content(keys[0].id, header.payload_size).tobytes()
+
+
+def command_calls(clients: list[redis.Redis], command: str) -> int:
+    return sum(int(c.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)) for c in clients)
+
+
+@pytest.fixture
+def count_sends(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the packed sends of every redis-py connection (one per pipelined batch per node)."""
+    sends = [0]
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        sends[0] += 1
+        return original(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    return sends
+
+
+def test_a_prompt_is_one_round_trip(redis_server, make_tier, make_obj, make_keys, pool, count_sends) -> None:
+    """Existence checks and reads of a 16-chunk prompt: one send each, carrying 16 EXISTS / 16 GET commands."""
+    tier = make_tier(redis_server.url)
+    keys = make_keys(16)
+    store(tier, make_obj, keys, 32)
+    with redis_server.client() as client:
+        before = command_calls([client], "exists"), command_calls([client], "get")
+        count_sends[0] = 0
+        assert tier.contains_many(keys) == [True] * 16
+        assert count_sends[0] == 1
+        objs = tier.get_many(keys, pool.allocate)
+        assert count_sends[0] == 2
+        after = command_calls([client], "exists"), command_calls([client], "get")
+    assert (after[0] - before[0], after[1] - before[1]) == (16, 16)
+    assert all(o is not None for o in objs)
+    for obj in objs:
+        obj.unref()  # type: ignore[union-attr]
+
+
+def test_cluster_prompt_spans_nodes_and_is_one_send_per_node(
+    redis_cluster, make_tier, make_obj, make_keys, pool, content, count_sends
+) -> None:
+    """A prompt's keys land on several masters; a batched read sends once to each node holding some of them."""
+    tier = make_tier(redis_cluster.url)
+    keys = make_keys(16)
+    store(tier, make_obj, keys, 32)
+    clients = [n.client() for n in redis_cluster.nodes]
+    try:
+        holding = [c.dbsize() > 0 for c in clients]
+        assert sum(holding) >= 2, "16 keys on one node of three: the slots were not spread"
+        before = command_calls(clients, "get")
+        count_sends[0] = 0
+        objs = tier.get_many(keys, pool.allocate)
+        assert count_sends[0] == sum(holding)
+        assert command_calls(clients, "get") - before == 16
+    finally:
+        for c in clients:
+            c.close()
+    for key, obj in zip(keys, objs, strict=True):
+        assert obj is not None
+        np.testing.assert_array_equal(obj.data, content(key.id, obj.nbytes))
+        obj.unref()
+
+
+def test_ttl_expires_chunks(redis_server, make_tier, make_obj, make_keys, pool) -> None:
+    """With remote_ttl_sec the key carries that TTL and the chunk is gone (a miss) after it."""
+    tier = make_tier(redis_server.url, remote_ttl_sec=0.3)
+    (key,) = make_keys(1)
+    store(tier, make_obj, [key], 32)
+    with redis_server.client() as client:
+        assert 0 < client.pttl(tier.name_for(key)) <= 300
+    assert tier.contains(key)
+    time.sleep(0.4)
+    assert not tier.contains(key)
+    assert tier.get(key, pool.allocate) is None
+
+
+def test_more_threads_than_connections_wait_for_one(redis_server, make_tier, make_obj, make_keys, pool, metrics):
+    """16 threads over a 2-connection pool: calls wait for a free connection, none fails."""
+    tier = make_tier(redis_server.url, remote_max_connections=2)
+    keys = make_keys(8)
+    store(tier, make_obj, keys, 32)
+    found: list[int] = []
+
+    def worker() -> None:
+        for _ in range(5):
+            objs = tier.get_many(keys, pool.allocate)
+            found.append(sum(o is not None for o in objs))
+            for obj in objs:
+                if obj is not None:
+                    obj.unref()
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert found == [8] * 80
+    assert metrics.errors.total() == 0
+
+
+# -- URLs --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1:6390", RedisURL("standalone", (("127.0.0.1", 6390),), options={"ssl": False})),
+        ("redis://cache", RedisURL("standalone", (("cache", 6379),), options={"ssl": False})),
+        (
+            "redis://kv:p%40ss%3Aw@cache:7000/3",
+            RedisURL("standalone", (("cache", 7000),), "kv", "p@ss:w", 3, options={"ssl": False}),
+        ),
+        ("redis://:secret@cache", RedisURL("standalone", (("cache", 6379),), None, "secret", options={"ssl": False})),
+        ("valkey://cache/2", RedisURL("standalone", (("cache", 6379),), db=2, options={"ssl": False})),
+        ("valkeys://cache", RedisURL("standalone", (("cache", 6379),), options={"ssl": True})),
+        (
+            "rediss://cache:6380?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=none&ssl_check_hostname=false",
+            RedisURL(
+                "standalone",
+                (("cache", 6380),),
+                options={
+                    "ssl": True,
+                    "ssl_ca_certs": "/etc/ca.pem",
+                    "ssl_cert_reqs": "none",
+                    "ssl_check_hostname": False,
+                },
+            ),
+        ),
+        ("redis://[::1]:7000?db=4", RedisURL("standalone", (("::1", 7000),), db=4, options={"ssl": False})),
+        (
+            "redis-cluster://a:7000,b:7001,c",
+            RedisURL("cluster", (("a", 7000), ("b", 7001), ("c", 6379)), options={"ssl": False}),
+        ),
+        (
+            "redis-cluster://u:pw@a:7000?ssl=true",
+            RedisURL("cluster", (("a", 7000),), "u", "pw", options={"ssl": True}),
+        ),
+        (
+            "redis-sentinel://s1:26380,s2/cache-group?db=1",
+            RedisURL(
+                "sentinel", (("s1", 26380), ("s2", 26379)), db=1, service_name="cache-group", options={"ssl": False}
+            ),
+        ),
+    ],
+)
+def test_url_forms(url: str, expected: RedisURL) -> None:
+    assert parse_url(url) == expected
+
+
+def test_sentinel_service_name_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDIS_SERVICE_NAME", raising=False)
+    assert parse_url("redis-sentinel://s1").service_name == "mymaster"
+    monkeypatch.setenv("REDIS_SERVICE_NAME", "from-env")
+    assert parse_url("redis-sentinel://s1:26379").service_name == "from-env"
+    assert parse_url("redis-sentinel://s1:26379/from-path").service_name == "from-path"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://",
+        "redis://:pw@",
+        "redis://cache:port",
+        "redis://cache:70000",
+        "redis://cache:0",
+        "redis://cache/db1",
+        "redis://a:1,b:2",
+        "redis://cache?bogus=1",
+        "redis://cache?db=x",
+        "redis://cache?ssl_ca_certs=/ca.pem",
+        "rediss://cache?ssl_cert_reqs=maybe",
+        "redis-cluster://a:7000/1",
+        "redis-cluster://a:7000?db=2",
+        "redis-cluster://a:7000,,b:7001",
+        "memcached://cache",
+    ],
+)
+def test_bad_urls_are_config_errors(url: str) -> None:
+    with pytest.raises(ConfigError, match="remote_url"):
+        parse_url(url)
+
+
+def test_url_errors_do_not_show_the_password() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_url("redis://kv:hunter2@cache:port")
+    assert "hunter2" not in str(caught.value) and "kv:***@" in str(caught.value)
+
+
+def test_every_alias_reaches_the_same_server(redis_server, metrics, make_obj, make_keys, pool) -> None:
+    """redis:// and valkey:// URLs go through the registry to working tiers on the same server."""
+    (key,) = make_keys(1)
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    tiers = [
+        create_remote_tier(f"{scheme}://127.0.0.1:{redis_server.port}/0", config("", remote_prefix=prefix), metrics)
+        for scheme in ("redis", "valkey")
+    ]
+    try:
+        store(tiers[0], make_obj, [key], 8)
+        assert read(tiers[1], key, pool.allocate) is not None
+    finally:
+        tiers[0].clear()
+        for tier in tiers:
+            tier.close()
+
+
+# -- authentication, TLS, Sentinel -------------------------------------------------------------------------------
+
+
+def test_acl_user_and_password(own_redis, make_tier, make_obj, make_keys, pool, metrics) -> None:
+    """An ACL user with a password works; a wrong password is a counted failure (and a miss), not an exception."""
+    with own_redis.client() as admin:
+        admin.acl_setuser("kv", enabled=True, passwords=["+s3cret"], keys=["*"], commands=["+@all"])
+    (key,) = make_keys(1)
+    tier = make_tier(f"redis://kv:s3cret@127.0.0.1:{own_redis.port}")
+    store(tier, make_obj, [key], 8)
+    assert read(tier, key, pool.allocate) is not None
+    wrong = make_tier(f"redis://kv:wrong@127.0.0.1:{own_redis.port}")
+    assert wrong.contains(key) is False
+    assert metrics.errors.value(tier="redis", kind="exists_failed") == 1
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A server with a TLS port (certificate for 127.0.0.1 from a throwaway CA) beside its plain one."""
+    redis_servers.require_redis()
+    ca, key, cert = tmp_path / "ca.pem", tmp_path / "server.key", tmp_path / "server.pem"
+    ca_key, csr, san = tmp_path / "ca.key", tmp_path / "server.csr", tmp_path / "san.cnf"
+    san.write_text("subjectAltName=IP:127.0.0.1\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    steps = [
+        ["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "1", "-subj", "/CN=kvtier-ca"],
+        ["req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-extfile", san],
+    ]
+    for step in steps:
+        subprocess.run(["openssl", *map(str, step)], check=True, capture_output=True, timeout=30)
+    tls_port = free_ports(1)[0]
+    extra = ("--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key))
+    server = RedisServer(tmp_path / "redis", extra=(*extra, "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"))
+    try:
+        server.start()
+        yield tls_port, ca
+    finally:
+        server.stop()
+
+
+def test_tls(tls_redis, make_tier, make_obj, make_keys, pool, content, metrics) -> None:
+    """rediss:// with the CA verifies the server and round-trips chunks (values read off the TLS socket);
+    without the CA verification fails (a counted miss); ssl_cert_reqs=none skips it."""
+    tls_port, ca = tls_redis
+    keys = make_keys(2)
+    tier = make_tier(f"rediss://127.0.0.1:{tls_port}?ssl_ca_certs={ca}")
+    store(tier, make_obj, keys[:1], 32)
+    obj = make_obj(keys[1], 4096)  # 1 MiB: a value larger than one TLS record and one socket read
+    assert tier.put(keys[1], obj)
+    obj.unref()
+    for key in keys:
+        got = read(tier, key, pool.allocate)
+        assert got is not None and got[1] == content(key.id, len(got[1])).tobytes()
+    unverified = make_tier(f"valkeys://127.0.0.1:{tls_port}")
+    assert unverified.contains(keys[0]) is False
+    assert metrics.errors.value(tier="redis", kind="exists_failed") == 1
+    trusting = make_tier(f"rediss://127.0.0.1:{tls_port}?ssl_cert_reqs=none")
+    assert trusting.contains_many(keys) == [False, False]  # another prefix: reachable, nothing of its own
+
+
+def test_sentinel_finds_the_master(own_redis, tmp_path, make_tier, make_obj, make_keys, pool) -> None:
+    """redis-sentinel://host:port/service asks the Sentinel for the master and stores there."""
+    sentinel = RedisSentinel(tmp_path / "sentinel", own_redis.port, "kv-cache")
+    try:
+        sentinel.start()
+        tier = make_tier(sentinel.url)
+        (key,) = make_keys(1)
+        store(tier, make_obj, [key], 8)
+        assert read(tier, key, pool.allocate) is not None
+        assert names_under(own_redis, tier.prefix[:-1]) == [tier.name_for(key).encode()]
+    finally:
+        sentinel.stop()
+
+
+# -- faults --------------------------------------------------------------------------------------------------------
+
+
+def test_hung_dead_and_restarted_server(own_redis: RedisServer) -> None:
+    """A hung server (SIGSTOP) makes lookups, retrieves and stores misses within the timeout, then the breaker
+    serves fast misses; a dead one (SIGKILL) fails fast; restarted on its port (with its saved data) it serves
+    hits again after the cool-down, with the same engine."""
+    cfg = engine_config(
+        own_redis.url,
+        local_cpu=False,  # memory only stages: every hit comes from Redis
+        remote_timeout_sec=0.5,
+        remote_circuit_failures=2,
+        remote_circuit_cooldown_sec=0.5,
+    )
+    tokens, kv = list(range(64)), random_kv(64)
+    with CacheEngine(cfg, LAYOUT, model_name="faults") as engine:
+        errors = engine.metrics.errors
+        assert engine.store(tokens, kv).stored_tokens == 64 and engine.flush(10)
+        got = engine.retrieve(tokens)
+        assert got.tier_tokens == {"redis": 64} and same_bits(got.kv, kv)
+        with own_redis.client() as client:
+            client.save()  # the restart below loads it
+
+        own_redis.pause()
+        started = time.monotonic()
+        for _ in range(5):
+            assert engine.lookup(tokens).hit_tokens == 0
+            assert engine.retrieve(tokens).hit_tokens == 0
+        engine.store(list(range(100, 164)), kv)
+        assert engine.flush(5)
+        # Two timeouts open the breaker; the rest are fast (a slow machine may fit in one more probe).
+        assert time.monotonic() - started < 3.0
+        assert errors.value(tier="redis", kind="exists_failed") >= 2
+        assert errors.value(tier="redis", kind="circuit_open") >= 8
+
+        own_redis.stop()
+        time.sleep(0.5)  # the cool-down: the next call probes the dead server
+        started = time.monotonic()
+        assert engine.lookup(tokens).hit_tokens == 0
+        assert time.monotonic() - started < 0.2  # refused at once, no timeout
+
+        own_redis.start()
+        time.sleep(0.5)
+        assert engine.lookup(tokens).hit_tokens == 64
+        got = engine.retrieve(tokens)
+        assert got.tier_tokens == {"redis": 64} and same_bits(got.kv, kv)
+
+
+def _flip(offset: int):  # type: ignore[no-untyped-def]
+    def damage(client: redis.Redis, name: str) -> None:
+        byte = client.getrange(name, offset, offset)
+        client.setrange(name, offset, bytes([byte[0] ^ 0x40]))
+
+    return damage
+
+
+def _cut(length: int):  # type: ignore[no-untyped-def]
+    def damage(client: redis.Redis, name: str) -> None:
+        client.set(name, client.getrange(name, 0, length - 1) if length else b"")
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    ("damage", "kind"),
+    [
+        (_flip(HEADER_SIZE + 100), "corrupt"),
+        (_flip(HEADER_SIZE + 4095), "corrupt"),  # the last payload byte
+        (_flip(30), "corrupt"),  # a header field
+        (_cut(HEADER_SIZE + 1000), "truncated"),
+        (_cut(60), "truncated"),
+        (_cut(0), "truncated"),
+    ],
+    ids=["payload-bit", "last-byte", "header-field", "torn-payload", "torn-header", "empty"],
+)
+def test_damaged_value_is_a_counted_miss_and_deleted(
+    redis_server, make_tier, make_obj, make_keys, pool, metrics, damage, kind
+) -> None:
+    tier = make_tier(redis_server.url)
+    keys = make_keys(2)
+    store(tier, make_obj, keys, 32)
+    with redis_server.client() as client:
+        damage(client, tier.name_for(keys[0]))
+        damaged, neighbour = tier.get_many(keys, pool.allocate)
+        assert damaged is None and neighbour is not None  # its neighbour is unaffected
+        neighbour.unref()
+        assert not client.exists(tier.name_for(keys[0]))
+    assert metrics.errors.value(tier="redis", kind=kind) == 1
+    assert metrics.errors.total() == 1
+    assert pool.live_objects == 0
+
+
+def test_value_copied_under_another_name_is_rejected(redis_server, make_tier, make_obj, make_keys, pool, metrics):
+    tier = make_tier(redis_server.url)
+    a, b = make_keys(2)
+    store(tier, make_obj, [a], 32)
+    with redis_server.client() as client:
+        client.copy(tier.name_for(a), tier.name_for(b))
+    assert tier.get(b, pool.allocate) is None
+    assert metrics.errors.value(tier="redis", kind="corrupt") == 1
+    assert read(tier, a, pool.allocate) is not None
+
+
+# -- engines -------------------------------------------------------------------------------------------------------
+
+_ENGINE_PROCESS = """
+import sys
+import numpy as np
+from kvtier import CacheEngine, KVLayout, load_config
+
+url, prefix, action = sys.argv[1:]
+config = load_config(env={{}}, overrides={{"remote_url": url, "remote_prefix": prefix, "chunk_size": {chunk},
+                                          "max_local_cpu_size": 0.01}})
+layout = KVLayout(2, 2, 16)
+tokens = list(range(1000, 1080))
+kv = np.random.default_rng(7).standard_normal(layout.chunk_shape(80)).astype(np.float16)
+with CacheEngine(config, layout, model_name="shared") as engine:
+    if action == "store":
+        print(engine.store(tokens, kv).stored_tokens, engine.flush(10))
+    else:
+        got = engine.retrieve(tokens)
+        print(got.hit_tokens, got.tier_tokens, np.array_equal(got.kv.view(np.uint16), kv.view(np.uint16)))
+"""
+
+
+def test_two_processes_share_kv_through_redis(redis_server) -> None:
+    """Process A stores a prompt and exits; process B (own memory, no disk) then retrieves it bit-exact."""
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    script = _ENGINE_PROCESS.format(chunk=CHUNK)
+
+    def run(action: str) -> str:
+        args = [sys.executable, "-c", script, redis_server.url, prefix, action]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    try:
+        assert run("store") == "80 True"
+        assert run("retrieve") == "80 {'redis': 80} True"
+    finally:
+        with redis_server.client() as client:
+            for name in client.scan_iter(match=f"{prefix}/*"):
+                client.delete(name)
+
+
+def test_a_remote_hit_is_not_written_back(redis_server) -> None:
+    """Chunks read from Redis are kept in memory but not queued for Redis again (no SET, no EXISTS)."""
+    cfg = engine_config(redis_server.url)
+    tokens, kv = list(range(64)), random_kv(64)
+    with CacheEngine(cfg, LAYOUT, model_name="no-write-back") as engine, redis_server.client() as client:
+        engine.store(tokens, kv)
+        assert engine.flush(10)
+        engine.storage.memory.clear()
+        before = command_calls([client], "set"), command_calls([client], "exists")
+        got = engine.retrieve(tokens)
+        assert engine.flush(10)
+        assert got.tier_tokens == {"redis": 64} and same_bits(got.kv, kv)
+        assert engine.lookup(tokens).tier_tokens == {"memory": 64}
+        after = command_calls([client], "set"), command_calls([client], "exists")
+        assert (after[0] - before[0], after[1] - before[1]) == (0, 64 // CHUNK)  # the one batched lookup
+        engine.clear()
+
+
+def test_admission_after_two_hits(redis_server) -> None:
+    """With remote_admit_after_hits=2 a stored prompt reaches Redis only once it has been retrieved twice."""
+    cfg = engine_config(redis_server.url, remote_admit_after_hits=2)
+    tokens, kv = list(range(80)), random_kv(80)
+    with CacheEngine(cfg, LAYOUT, model_name="admission") as engine:
+        engine.store(tokens, kv)
+        assert engine.flush(10) and names_under(redis_server, cfg.remote_prefix) == []
+        assert engine.retrieve(tokens).hit_tokens == 80
+        assert engine.flush(10) and names_under(redis_server, cfg.remote_prefix) == []
+        assert engine.retrieve(tokens).hit_tokens == 80
+        assert engine.flush(10)
+        assert len(names_under(redis_server, cfg.remote_prefix)) == 80 // CHUNK
+        engine.clear()
