@@ -28,6 +28,8 @@ from kvtier.tokens.keys import CacheKey
 log = logging.getLogger(__name__)
 
 
+# Writes to a remote store in flight at once (each is a round trip; the store serves them in parallel).
+REMOTE_WRITERS = 4
 # Hit counts kept for admission rules (``admit_after_hits``); beyond this the least recent are forgotten.
 MAX_TRACKED_HITS = 1 << 20
 # A chunk being read: from memory at once, or (a read of several chunks in flight, position in it).
@@ -61,7 +63,10 @@ class TieredStorage:
         self.lower = list(lower)
         self.tiers: list[StorageTier] = ([memory] if memory else []) + self.lower
         self.metrics = metrics
-        self.writers = {t.name: BackgroundWriter(t, max_queued_bytes, metrics) for t in self.lower}
+        self.writers = {
+            t.name: BackgroundWriter(t, max_queued_bytes, metrics, threads=1 if t.is_local else REMOTE_WRITERS)
+            for t in self.lower
+        }
         self._readers = ThreadPoolExecutor(read_workers, thread_name_prefix="kvtier-read")
         self._hits: OrderedDict[bytes, int] = OrderedDict()
         self._hits_lock = threading.Lock()

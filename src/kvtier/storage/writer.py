@@ -1,6 +1,7 @@
 """Background writes to a slower tier: bounded, deduplicated, never blocking the caller.
 
-Each slower tier gets one writer thread and a queue bounded in bytes. A queued chunk holds a reference to its
+Each slower tier gets its writer threads (one for a disk, several for a remote store, whose writes are
+round trips) and a queue bounded in bytes. A queued chunk holds a reference to its
 memory object, so the bound is also a bound on memory kept alive for writes; when the queue is full new
 chunks are dropped (and counted) instead of growing memory or stalling the engine.
 """
@@ -22,18 +23,22 @@ log = logging.getLogger(__name__)
 
 
 class BackgroundWriter:
-    def __init__(self, tier: StorageTier, max_queued_bytes: int, metrics: CacheMetrics) -> None:
+    def __init__(self, tier: StorageTier, max_queued_bytes: int, metrics: CacheMetrics, threads: int = 1) -> None:
         self.tier = tier
         self.max_queued_bytes = max_queued_bytes
         self.metrics = metrics
         self._queue: deque[tuple[CacheKey, MemoryObj]] = deque()
         self._queued_ids: set[bytes] = set()
         self.queued_bytes = 0
-        self._busy = False
+        self._active = 0  # chunks being written now
         self._closed = False
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name=f"kvtier-writer-{tier.name}", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"kvtier-writer-{tier.name}-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, keys: Sequence[CacheKey], objs: Sequence[MemoryObj]) -> int:
         """Queue chunks the tier lacks; return how many were queued."""
@@ -51,7 +56,7 @@ class BackgroundWriter:
                 self.queued_bytes += obj.nbytes
                 queued += 1
             if queued:
-                self._cond.notify()
+                self._cond.notify_all()
         return queued
 
     def _run(self) -> None:
@@ -62,7 +67,7 @@ class BackgroundWriter:
                 if not self._queue:
                     return
                 key, obj = self._queue.popleft()
-                self._busy = True
+                self._active += 1
             try:
                 self.tier.put(key, obj)  # tiers skip keys they already hold
             except Exception as exc:  # a failing tier must not kill the writer
@@ -73,14 +78,14 @@ class BackgroundWriter:
                 with self._cond:
                     self._queued_ids.discard(key.id)
                     self.queued_bytes -= obj.nbytes
-                    self._busy = False
+                    self._active -= 1
                     self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued chunk is written; False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._queue or self._busy:
+            while self._queue or self._active:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -101,4 +106,5 @@ class BackgroundWriter:
             self.queued_bytes -= obj.nbytes
         if dropped:
             log.warning("discarded %d unwritten chunks for %s at close", len(dropped), self.tier.name)
-        self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
