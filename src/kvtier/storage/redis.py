@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,8 @@ DEFAULT_SERVICE_NAME = "mymaster"
 # less than sending bytes that SET NX would discard.
 ASK_FIRST_BYTES = 1 << 20
 SCAN_BATCH = 1000
+# Idle receive buffers kept for reuse: those of one 4096-token prompt of an 8B model (16 chunks of 32 MiB).
+IDLE_BUFFER_BYTES = 512 << 20
 READ_SIZE = 1 << 16
 # No retries inside redis-py: a failure is a miss at once, and the circuit breaker decides when to try again.
 NO_RETRY = Retry(NoBackoff(), 0)
@@ -177,6 +180,7 @@ class RedisStore(RemoteStore):
         self._client: redis.Redis | RedisCluster | None = None
         self._sentinel: Sentinel | None = None
         self._lock = threading.Lock()
+        self._buffers = _Buffers(IDLE_BUFFER_BYTES)
 
     @property
     def client(self) -> redis.Redis | RedisCluster:
@@ -213,7 +217,7 @@ class RedisStore(RemoteStore):
         return [bool(n) for n in self._pipelined(b"EXISTS", names, _simple_replies)]
 
     def get_many(self, names: Sequence[str]) -> list[Value | None]:
-        return self._pipelined(b"GET", names, lambda conn, count: _ValueReader(conn).read(count))
+        return self._pipelined(b"GET", names, lambda conn, count: _ValueReader(conn, self._buffers).read(count))
 
     def delete_many(self, names: Sequence[str | bytes]) -> int:
         return sum(self._pipelined(b"UNLINK", names, _simple_replies))
@@ -328,13 +332,43 @@ def _set_if_absent(name: bytes, parts: Sequence[Value], size: int, ttl_sec: floa
     return [*pieces, tail]
 
 
+class _Buffers:
+    """Receive buffers, each reused once the value read into it is dropped: fresh memory is slow to fault in
+    (here 0.7-6 GB/s, against ~10 GB/s for copies between resident buffers). Keeps at most ``max_idle_bytes``."""
+
+    def __init__(self, max_idle_bytes: int) -> None:
+        self.max_idle_bytes = max_idle_bytes
+        self._idle: dict[int, list[np.ndarray]] = {}
+        self._idle_bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> memoryview:
+        with self._lock:
+            idle = self._idle.get(nbytes)
+            if idle:
+                self._idle_bytes -= nbytes
+            buffer = idle.pop() if idle else None
+        if buffer is None:
+            buffer = np.empty(nbytes, np.uint8)  # numpy backs large arrays with transparent huge pages
+        value = buffer[:]  # handed out; when the last reference to it goes, the buffer is idle again
+        weakref.finalize(value, self._give, buffer)
+        return memoryview(value)
+
+    def _give(self, buffer: np.ndarray) -> None:
+        with self._lock:
+            if self._idle_bytes + buffer.nbytes <= self.max_idle_bytes:
+                self._idle.setdefault(buffer.nbytes, []).append(buffer)
+                self._idle_bytes += buffer.nbytes
+
+
 class _ValueReader:
     """Bulk-string replies read from a connection's socket, each received into a buffer of its own size: one
     copy, by the kernel. The pool hands out connections with nothing left to read, so the replies to the
     commands just sent are the next bytes on the socket; redis-py has no public accessor for it."""
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, buffers: _Buffers) -> None:
         self._sock = conn._sock
+        self._buffers = buffers
         self._buf = bytearray()
         self._pos = 0
 
@@ -355,8 +389,7 @@ class _ValueReader:
         size = int(line[1:])
         if size < 0:
             return None
-        # numpy backs large arrays with transparent huge pages: far fewer page faults than a bytearray.
-        value = memoryview(np.empty(size + 2, np.uint8))  # the value and its CRLF
+        value = self._buffers.take(size + 2)  # the value and its CRLF
         have = min(len(self._buf) - self._pos, len(value))
         value[:have] = self._buf[self._pos : self._pos + have]
         self._pos += have
