@@ -652,6 +652,7 @@ def test_disk_read_without_free_memory_is_a_miss(make_engine):
     engine.flush()
     engine.storage.memory.clear()
     store_kv(engine, a)
+    engine.flush()  # until a's disk writes finish, they hold a's memory and evicting a frees nothing
     lease = engine.lookup(a, pin=True).lease
     assert engine.lookup(b).tier_tokens == {"disk": 64}
     got = engine.retrieve(b)
