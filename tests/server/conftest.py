@@ -113,7 +113,7 @@ def server_process(tmp_path: Path) -> Iterator:
 
     yield start
     for proc in started:
-        proc.stop(signal.SIGKILL)
+        proc.stop(signal.SIGTERM)  # a clean stop removes its shared-memory pool
 
 
 class InProcessServer:

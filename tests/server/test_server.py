@@ -384,3 +384,18 @@ def test_a_flood_of_clients_gets_backpressure_not_failures(tmp_path) -> None:
     server.stop()
     assert not errors, errors[:3]
     assert sum(busy.value(op=op, status="BUSY") for op in ("STORE", "RETRIEVE")) > 0
+
+
+def test_pools_left_by_dead_servers_are_removed(tmp_path) -> None:
+    """A server killed without cleaning up leaves its shared-memory file; the next server start deletes it."""
+    from kvtier.server.shared_memory import remove_stale_pools
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"kvtier-{dead.pid}-abc"
+    alive = tmp_path / f"kvtier-{__import__('os').getpid()}-def"
+    other = tmp_path / "kvtier-notapid-x"
+    for path in (stale, alive, other):
+        path.write_bytes(b"x")
+    assert remove_stale_pools(str(tmp_path)) == 1
+    assert not stale.exists() and alive.exists() and other.exists()

@@ -12,6 +12,7 @@ with any shared-memory transport; the socket-level checks (auth, sizes) still ap
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tempfile
@@ -24,9 +25,29 @@ from kvtier.engine.results import StoreResult
 
 
 def shared_memory_path(server_id: str) -> str:
-    """A fresh file name in /dev/shm (or the temp dir where there is none) for the server's pool."""
+    """A fresh file name in /dev/shm (or the temp dir where there is none) for the server's pool. Files left by
+    servers that died without cleaning up (SIGKILL, power loss) are removed first: they hold memory."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-    return os.path.join(base, f"kvtier-{server_id}")
+    remove_stale_pools(base)
+    return os.path.join(base, f"kvtier-{os.getpid()}-{server_id}")
+
+
+def remove_stale_pools(base: str) -> int:
+    """Delete ``kvtier-<pid>-*`` files in ``base`` whose process is gone; return how many."""
+    removed = 0
+    for name in os.listdir(base):
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != "kvtier" or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(base, name))
+                removed += 1
+        except PermissionError:  # alive, another user's
+            continue
+    return removed
 
 
 @dataclass(slots=True)
