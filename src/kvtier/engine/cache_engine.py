@@ -185,11 +185,7 @@ class CacheEngine:
         this prefix. ``source`` (optional) is where the KV will be copied from, to align chunk memory with it.
         """
         started = time.perf_counter()
-        self.leases.expire()
-        num_tokens = _token_count(tokens)
-        skip = self._leading_skip(mask, num_tokens)
-        chunks, keys = self.chunk_keys(tokens, cache_salt)
-        todo = [(c, k) for c, k in zip(chunks, keys, strict=True) if c.start >= skip]
+        num_tokens, _, todo = self._masked_chunks(tokens, mask, cache_salt)
         present = [self.storage.contains_any(k) for _, k in todo]
         cached = [k for (_, k), p in zip(todo, present, strict=True) if p]
         held = self.storage.memory.pin(cached) if self.storage.memory is not None else []
@@ -281,13 +277,10 @@ class CacheEngine:
         ``mask`` skips a leading part the caller already has, as in :meth:`store`.
         """
         started = time.perf_counter()
-        self.leases.expire()
-        num_tokens = _token_count(tokens)
-        skip = self._leading_skip(mask, num_tokens)
-        chunks, keys = self.chunk_keys(tokens, cache_salt)
+        num_tokens, skip, wanted = self._masked_chunks(tokens, mask, cache_salt)
         dest = as_destination(out, self.layout) if out is not None else None
         limit = getattr(dest, "num_tokens", num_tokens)
-        wanted = [(c, k) for c, k in zip(chunks, keys, strict=True) if c.start >= skip and c.end <= limit]
+        wanted = [(c, k) for c, k in wanted if c.end <= limit]
         sources = self._locate([c for c, _ in wanted], [k for _, k in wanted])
         wanted = wanted[: len(sources)]
         if dest is None:  # a new array for the located prefix; trimmed below if a chunk fails to read
@@ -309,9 +302,7 @@ class CacheEngine:
             for obj in read.objs:
                 obj.unref()
         loaded = [c for c, _ in wanted[: len(read.objs)]]
-        tiers = Counter[str]()
-        for chunk, name in zip(loaded, read.tiers, strict=True):
-            tiers[name] += chunk.num_tokens
+        tiers = _tokens_by_tier(loaded, read.tiers)
         loaded_tokens = sum(tiers.values())
         hit = skip + loaded_tokens if loaded_tokens else 0
         kv = out if out is not None else dest.array[:, :, : loaded[-1].end if loaded else 0]
@@ -323,17 +314,11 @@ class CacheEngine:
         """The chunks of the longest cached prefix, by reference (no copy): the caller reads them in place
         (the server's shared-memory path) and must ``unref()`` each object when done."""
         started = time.perf_counter()
-        self.leases.expire()
-        num_tokens = _token_count(tokens)
-        skip = self._leading_skip(mask, num_tokens)
-        chunks, keys = self.chunk_keys(tokens, cache_salt)
-        wanted = [(c, k) for c, k in zip(chunks, keys, strict=True) if c.start >= skip]
+        num_tokens, skip, wanted = self._masked_chunks(tokens, mask, cache_salt)
         sources = self._locate([c for c, _ in wanted], [k for _, k in wanted])
         read = self.storage.read([k for _, k in wanted[: len(sources)]], sources)
         loaded = [c for c, _ in wanted[: len(read.objs)]]
-        tiers = Counter[str]()
-        for chunk, name in zip(loaded, read.tiers, strict=True):
-            tiers[name] += chunk.num_tokens
+        tiers = _tokens_by_tier(loaded, read.tiers)
         loaded_tokens = sum(tiers.values())
         hit = skip + loaded_tokens if loaded_tokens else 0
         result = RetrieveResult(hit, loaded_tokens, num_tokens, None, dict(tiers), time.perf_counter() - started)
@@ -412,6 +397,14 @@ class CacheEngine:
         self.close()
 
     # -- helpers ------------------------------------------------------------------------------------
+    def _masked_chunks(self, tokens: Any, mask: Any, cache_salt: str) -> tuple[int, int, list[tuple[Chunk, CacheKey]]]:
+        """Prompt length, tokens the mask skips, and the (chunk, key) pairs from there on; expires leases."""
+        self.leases.expire()
+        num_tokens = _token_count(tokens)
+        skip = self._leading_skip(mask, num_tokens)
+        chunks, keys = self.chunk_keys(tokens, cache_salt)
+        return num_tokens, skip, [(c, k) for c, k in zip(chunks, keys, strict=True) if c.start >= skip]
+
     def _leading_skip(self, mask: Any, num_tokens: int) -> int:
         if mask is None:
             return 0
@@ -438,3 +431,10 @@ def _check_covers(source: Any, num_tokens: int, what: str) -> None:
 
 def _rate(nbytes: int, seconds: float) -> str:
     return f"{nbytes / seconds / 1e9:.2f} GB/s" if seconds > 0 and nbytes else "-"
+
+
+def _tokens_by_tier(chunks: Sequence[Chunk], tier_names: Sequence[str]) -> Counter[str]:
+    tiers = Counter[str]()
+    for chunk, name in zip(chunks, tier_names, strict=True):
+        tiers[name] += chunk.num_tokens
+    return tiers
