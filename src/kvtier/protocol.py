@@ -177,3 +177,11 @@ def layout_from_meta(spec: dict[str, Any]) -> KVLayout:
         )
     except ValueError as exc:
         raise ProtocolError(f"bad layout: {exc}") from None
+
+
+def namespace_meta(model: str, layout: KVLayout, world_size: int, rank: int, chunk_size: int | None) -> dict[str, Any]:
+    """The meta fields naming a client's namespace (sent with every prompt-level request)."""
+    meta: dict[str, Any] = {"model": model, "layout": layout_to_meta(layout), "world_size": world_size, "rank": rank}
+    if chunk_size is not None:
+        meta["chunk_size"] = chunk_size
+    return meta

@@ -18,7 +18,7 @@ import zmq.asyncio
 from kvtier.client.client import RemoteLookup, RemoteRetrieve, RemoteStore, ServerError, ServerUnavailable
 from kvtier.errors import LayoutError
 from kvtier.memory.layout import KVLayout
-from kvtier.protocol import Message, Op, Status, decode, encode, layout_to_meta
+from kvtier.protocol import Message, Op, Status, decode, encode, namespace_meta
 from kvtier.tokens.hashing import token_bytes
 
 
@@ -42,14 +42,7 @@ class AsyncKVTierClient:
         self.layout = layout
         self.timeout = timeout
         self.retries = retries
-        self._namespace: dict[str, Any] = {
-            "model": model,
-            "layout": layout_to_meta(layout),
-            "world_size": world_size,
-            "rank": rank,
-        }
-        if chunk_size is not None:
-            self._namespace["chunk_size"] = chunk_size
+        self._namespace = namespace_meta(model, layout, world_size, rank, chunk_size)
         if auth_token:
             self._namespace["auth"] = auth_token
         self._context = zmq.asyncio.Context.instance()

@@ -23,7 +23,7 @@ import zmq
 
 from kvtier.errors import KVTierError, LayoutError
 from kvtier.memory.layout import KVLayout
-from kvtier.protocol import Message, Op, Status, decode, encode, layout_to_meta
+from kvtier.protocol import Message, Op, Status, decode, encode, namespace_meta
 from kvtier.tokens.hashing import token_bytes
 
 
@@ -197,14 +197,7 @@ class KVTierClient:
     ) -> None:
         self.layout = layout
         self.connection = Connection(url, timeout=timeout, retries=retries, auth_token=auth_token, context=context)
-        self._namespace: dict[str, Any] = {
-            "model": model,
-            "layout": layout_to_meta(layout),
-            "world_size": world_size,
-            "rank": rank,
-        }
-        if chunk_size is not None:
-            self._namespace["chunk_size"] = chunk_size
+        self._namespace = namespace_meta(model, layout, world_size, rank, chunk_size)
         self.shared_memory = shared_memory
         self._arena: SharedArena | None = None
         self._copiers: ThreadPoolExecutor | None = None
