@@ -45,7 +45,7 @@ from kvtier.metrics import CacheMetrics
 from kvtier.storage.redis import create_redis_tier
 from kvtier.tokens.keys import Namespace
 
-from common import SHAPES, cpu_pressure, emit, summary
+from common import SHAPES, cpu_pressure, emit, prompt, random_kv, summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "storage"))
 from redis_servers import RedisServer  # the test suite's server helper
@@ -61,15 +61,6 @@ class Case:
     @property
     def writes(self) -> bool:
         return self.op.startswith(("set", "put", "store"))
-
-
-def prompt(tokens: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(0, 32000, tokens).tolist()
-
-
-def random_kv(layout: KVLayout, tokens: int, seed: int) -> np.ndarray:
-    raw = np.random.default_rng(seed).integers(0, 2**16, layout.chunk_shape(tokens), dtype=np.uint16)
-    return raw.view(layout.element.numpy_name)
 
 
 def address(url: str) -> tuple[str, int]:

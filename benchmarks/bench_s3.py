@@ -46,7 +46,7 @@ from kvtier.metrics import CacheMetrics
 from kvtier.storage.s3 import create_s3_tier, make_client
 from kvtier.tokens.keys import CacheKey, Namespace
 
-from common import SHAPES, emit, summary
+from common import SHAPES, emit, prompt, random_kv, summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "storage"))
 from s3_server import seaweed_s3  # the test suite's server helper
@@ -54,15 +54,6 @@ from s3_server import seaweed_s3  # the test suite's server helper
 BUCKET = "kvtier-bench"
 #: name: (shape, tokens, chunk size). llama8b: 16 chunks of 32 MiB (512 MiB); small: 64 chunks of 256 KiB.
 WORKLOADS = {"large": ("llama8b", 4096, 256), "small": ("small", 16384, 256)}
-
-
-def random_kv(layout: KVLayout, tokens: int, seed: int) -> np.ndarray:
-    raw = np.random.default_rng(seed).integers(0, 2**16, layout.chunk_shape(tokens), dtype=np.uint16)
-    return raw.view(layout.element.numpy_name)
-
-
-def prompt(tokens: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(0, 32000, tokens).tolist()
 
 
 class Way:

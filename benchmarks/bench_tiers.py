@@ -24,16 +24,7 @@ except ImportError:  # torch is optional: the numpy path is measured either way
 
 from kvtier import CacheEngine, KVLayout, load_config
 
-from common import SHAPES, drop_file_cache, emit, summary, timed
-
-
-def random_kv(layout: KVLayout, tokens: int, seed: int) -> np.ndarray:
-    raw = np.random.default_rng(seed).integers(0, 2**16, layout.chunk_shape(tokens), dtype=np.uint16)
-    return raw.view(layout.element.numpy_name)
-
-
-def prompt(tokens: int, seed: int) -> list[int]:
-    return np.random.default_rng(seed).integers(0, 32000, tokens).tolist()
+from common import SHAPES, drop_file_cache, emit, prompt, random_kv, summary, timed
 
 
 def memcpy_limit(nbytes: int, reps: int, threads: int) -> dict[str, float]:

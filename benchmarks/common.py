@@ -11,6 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from kvtier import KVLayout
+
 SHAPES = {
     # name: (layers, kv_heads, head_dim, dtype); 256-token chunks of "llama8b" are 32 MiB
     "llama8b": (32, 8, 128, "float16"),
@@ -64,3 +68,14 @@ def drop_file_cache(paths: list[Path]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def random_kv(layout: KVLayout, tokens: int, seed: int) -> np.ndarray:
+    """KV of ``tokens`` tokens with arbitrary bit patterns (every value, NaNs included, round-trips bit-exact)."""
+    raw = np.random.default_rng(seed).integers(0, 2**16, layout.chunk_shape(tokens), dtype=np.uint16)
+    return raw.view(layout.element.numpy_name)
+
+
+def prompt(tokens: int, seed: int) -> list[int]:
+    """Token ids of a random prompt; different seeds give different prefixes."""
+    return np.random.default_rng(seed).integers(0, 32000, tokens).tolist()
