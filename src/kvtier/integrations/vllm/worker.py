@@ -1,0 +1,140 @@
+"""The worker-process half of the connector: moves KV between vLLM's paged cache and the kvtier backend, as
+the scheduler's metadata for the step says. Loads run before the forward, stores after it, synchronously."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvtier.integrations.backend import KVBackend, Loaded
+from kvtier.integrations.vllm.layouts import PagedKV, PagedLayout, PagedTransfer, blocks_of, slot_mapping
+from kvtier.integrations.vllm.metadata import KVTierConnectorMetadata, LoadOp, StoreOp
+from kvtier.memory.layout import KVLayout
+
+log = logging.getLogger("kvtier")
+
+
+@dataclass(slots=True)
+class TransferStats:
+    """What the worker moved since vLLM last asked (see :mod:`kvtier.integrations.vllm.stats`)."""
+
+    loads: int = 0
+    loaded_tokens: int = 0
+    load_failed_tokens: int = 0
+    load_seconds: float = 0.0
+    stores: int = 0
+    stored_tokens: int = 0
+    store_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+
+
+class WorkerSide:
+    def __init__(self, backend: KVBackend, layout: KVLayout, block_size: int) -> None:
+        self.backend = backend
+        self.layout = layout
+        self.block_size = block_size  # the scheduler's: the unit of the block ids in the metadata
+        self.transfer: PagedTransfer | None = None
+        self.stats = TransferStats()
+        self._failed_blocks: set[int] = set()
+
+    def register(self, kv_caches: dict[str, torch.Tensor], paged_layout: PagedLayout) -> None:
+        paged = PagedKV.from_layers(list(kv_caches.values()), paged_layout)
+        expected = self.layout.chunk_shape(1)
+        dtype = str(paged.dtype).removeprefix("torch.")
+        if paged.staging_shape(1) != expected or dtype != self.layout.dtype:
+            raise ValueError(
+                f"vLLM's KV cache {paged.staging_shape(1)} {dtype} does not match the model's layout {expected} "
+                f"{self.layout.dtype}"
+            )
+        self.transfer = PagedTransfer(paged)
+        log.info(
+            "kvtier: %d attention layers, %s layout (%s), block size %d, %s",
+            len(kv_caches),
+            paged_layout.value,
+            tuple(next(iter(kv_caches.values())).shape),
+            paged.block_size,
+            paged.device,
+        )
+
+    def load(self, meta: KVTierConnectorMetadata) -> None:
+        for op in meta.loads:
+            self._load(op)
+
+    def store(self, meta: KVTierConnectorMetadata) -> None:
+        for op in meta.stores:
+            self._store(op)
+
+    def take_failed_blocks(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def take_stats(self) -> TransferStats:
+        stats, self.stats = self.stats, TransferStats()
+        return stats
+
+    def _paged(self) -> PagedTransfer:
+        if self.transfer is None:
+            raise RuntimeError("kvtier: vLLM did not register its KV caches with the connector")
+        return self.transfer
+
+    def _load(self, op: LoadOp) -> None:
+        transfer = self._paged()
+        started = time.perf_counter()
+        host = transfer.host_tensor(len(op.tokens))
+        loaded = self.backend.retrieve(op.tokens, host, skip_tokens=op.skip, cache_salt=op.cache_salt)
+        good_end = max(op.start, min(loaded.loaded_end, op.end))
+        if good_end > op.start:
+            transfer.scatter_from_host(slot_mapping(op.block_ids, self.block_size, op.start, good_end), host, op.start)
+        if good_end < op.end:
+            # Fewer tokens than promised (evicted, corrupt, server gone): vLLM recomputes from these blocks.
+            self._failed_blocks |= blocks_of(op.block_ids, self.block_size, good_end, op.end)
+            self.backend.metrics.load_errors.inc()
+        self._record_load(op, loaded, good_end - op.start, time.perf_counter() - started)
+
+    def _store(self, op: StoreOp) -> None:
+        transfer = self._paged()
+        started = time.perf_counter()
+        host = transfer.host_tensor(len(op.tokens))
+        transfer.gather_to_host(slot_mapping(op.block_ids, self.block_size, op.skip, len(op.tokens)), host, op.skip)
+        stored = self.backend.store(op.tokens, host, skip_tokens=op.skip, cache_salt=op.cache_salt)
+        seconds = time.perf_counter() - started
+        self.stats.stores += 1
+        self.stats.stored_tokens += stored
+        self.stats.store_seconds += seconds
+        log.info(
+            "kvtier: request %s: Stored %d tokens (%d already cached) of a %d-token prompt in %.1f ms",
+            op.req_id,
+            stored,
+            op.skip,
+            len(op.tokens),
+            seconds * 1000,
+        )
+
+    def _record_load(self, op: LoadOp, loaded: Loaded, num_loaded: int, seconds: float) -> None:
+        self.stats.loads += 1
+        self.stats.loaded_tokens += num_loaded
+        self.stats.load_failed_tokens += op.end - op.start - num_loaded
+        self.stats.load_seconds += seconds
+        tiers = ", ".join(f"{n} from {tier}" for tier, n in loaded.tier_tokens.items() if n) or "none found"
+        failed = op.end - op.start - num_loaded
+        log.info(
+            "kvtier: request %s: Retrieved %d of %d prompt tokens (%s) in %.1f ms (%.1f ms from kvtier, then into "
+            "vLLM's blocks); vLLM had %d, computes %d%s",
+            op.req_id,
+            num_loaded,
+            op.num_prompt_tokens,
+            tiers,
+            seconds * 1000,
+            loaded.seconds * 1000,
+            op.start,
+            op.num_prompt_tokens - op.start - num_loaded,
+            f" (load of {failed} promised tokens failed: vLLM recomputes them)" if failed else "",
+        )
+
+    def close(self) -> None:
+        self.backend.close()
