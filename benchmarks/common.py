@@ -1,13 +1,18 @@
-"""Shared benchmark helpers: timing with medians, CPU pressure readings, JSON-line output, dropping page cache."""
+"""Shared benchmark helpers: timing with medians, CPU pressure readings, JSON-line output, dropping page cache,
+a ``kvtier server`` child process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +58,15 @@ def summary(times: list[float], nbytes: int | None = None) -> dict[str, float]:
     return out
 
 
-def emit(record: dict[str, Any]) -> None:
+def emit(record: dict[str, Any], append_to: Path | None = None) -> None:
+    """Print ``record`` as a JSON line (and append it to ``append_to``, when given)."""
     record.setdefault("psi_cpu_avg10", cpu_pressure())
-    print(json.dumps(record), flush=True)
+    line = json.dumps(record)
+    print(line, flush=True)
     sys.stdout.flush()
+    if append_to is not None:
+        with open(append_to, "a") as f:
+            f.write(line + "\n")
 
 
 def drop_file_cache(paths: list[Path]) -> None:
@@ -79,3 +89,43 @@ def random_kv(layout: KVLayout, tokens: int, seed: int) -> np.ndarray:
 def prompt(tokens: int, seed: int) -> list[int]:
     """Token ids of a random prompt; different seeds give different prefixes."""
     return np.random.default_rng(seed).integers(0, 32000, tokens).tolist()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def kvtier_server(
+    *, chunk_size: int, cpu_gb: float, disk: Path | None = None, disk_gb: float = 0.0, log: Path | None = None
+) -> Iterator[str]:
+    """A ``kvtier server`` child process on free loopback ports, healthy before this yields its data-plane URL
+    (``tcp://127.0.0.1:PORT``); stopped with SIGTERM after, so it removes its shared-memory pool."""
+    port, http_port = free_port(), free_port()
+    args = [sys.executable, "-m", "kvtier.cli.main", "server", "--port", str(port), "--http-port", str(http_port)]
+    args += ["--chunk-size", str(chunk_size), "--max-local-cpu-size", str(cpu_gb), "--log-level", "WARNING"]
+    args += ["--local-disk", str(disk), "--max-local-disk-size", str(disk_gb)] if disk else ["--local-disk", ""]
+    with open(log or os.devnull, "w") as out:  # its logs would interleave with the JSON lines on stdout
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"kvtier server exited with {proc.returncode} (log: {log})")
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthcheck", timeout=1)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("kvtier server not healthy after 60 s") from None
+                    time.sleep(0.2)
+            yield f"tcp://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
