@@ -10,8 +10,9 @@ Cases, each over ``--repeats`` distinct prompts per length (medians reported):
   process stored in the kvtier server;
 - ``example_after_restart``: the same with vLLM's in-tree ExampleConnector (safetensors files), as a baseline.
 
-TTFT is the wall time of ``generate(max_tokens=1)``. Every vLLM process first runs an unrelated warm-up prompt
-(the first request of a process pays one-time kernel setup). One JSON line per case and length.
+TTFT is the wall time of ``generate(max_tokens=1)``. Every vLLM process first runs an unrelated warm-up prompt of
+the longest length measured (the first request of a process, and of a length, pays one-time setup). One JSON line
+per case and length.
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ def child(spec: dict[str, Any]) -> None:
         **kwargs,
     )
     params = SamplingParams(temperature=0.0, max_tokens=1)
-    llm.generate([{"prompt_token_ids": prompt(1000, 999)}], params, use_tqdm=False)  # warm-up
+    # Warm-up: the first request of a process, and the first one of a given length, pay one-time setup that is
+    # not what is measured. Its prompt is the same in every process: a hit in a process with a connector.
+    longest = max(item["length"] for item in spec["prompts"])
+    llm.generate([{"prompt_token_ids": prompt(longest, 999)}], params, use_tqdm=False)
     for item in spec["prompts"]:
         started = time.perf_counter()
         llm.generate([{"prompt_token_ids": prompt(item["length"], item["seed"])}], params, use_tqdm=False)

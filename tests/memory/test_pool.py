@@ -218,3 +218,12 @@ def test_prefault_keeps_contents_and_makes_memory_resident(tmp_path: Path, share
     assert np.array_equal(obj.data, before)
     obj.unref()
     pool.close()
+
+
+def test_populate_in_background_makes_foreign_buffers_resident_without_changing_them() -> None:
+    from kvtier.memory.pool import populate_in_background
+
+    buffer = np.full(8 << 20, 7, dtype=np.uint8)  # allocated by someone else (numpy), partly written
+    fresh = np.empty(8 << 20, dtype=np.uint8)
+    populate_in_background([(buffer.ctypes.data + 5, buffer.nbytes - 5), (fresh.ctypes.data, fresh.nbytes)]).join(10)
+    assert (buffer == 7).all()

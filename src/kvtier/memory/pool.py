@@ -10,6 +10,7 @@ memory fits the same way.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import threading
@@ -169,3 +170,25 @@ def _cuda_host_unregister(pointer: int) -> None:  # pragma: no cover - needs a G
     import torch
 
     torch.cuda.cudart().cudaHostUnregister(pointer)
+
+
+def populate_in_background(regions: list[tuple[int, int]], name: str = "kvtier-populate") -> threading.Thread:
+    """Make the pages of ``(address, nbytes)`` regions of this process resident in a background thread, with
+    MADV_POPULATE_WRITE (Linux >= 5.14): pages are allocated, contents untouched, so it is safe on memory in use.
+    For buffers another library allocated and kvtier writes into (vLLM's CPU KV cache): a first write into a
+    fresh page costs a page fault, which would otherwise land on the load path of the first hits."""
+    thread = threading.Thread(target=_populate_regions, args=(regions,), name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _populate_regions(regions: list[tuple[int, int]]) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    step = 64 << 20
+    for address, nbytes in regions:
+        start = address - address % PAGE  # madvise wants a page-aligned start; the page is the buffer's own
+        end = address + nbytes
+        for offset in range(start, end, step):
+            if libc.madvise(offset, min(step, end - offset), MADV_POPULATE_WRITE) != 0:
+                return  # an older kernel: nothing to gain

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from kvtier.integrations.backend import KVBackend, Loaded
 from kvtier.integrations.vllm.layouts import PagedKV, PagedLayout, PagedTransfer, blocks_of, slot_mapping
 from kvtier.integrations.vllm.metadata import KVTierConnectorMetadata, LoadOp, StoreOp
 from kvtier.memory.layout import KVLayout
+from kvtier.memory.pool import populate_in_background
 
 log = logging.getLogger("kvtier")
 
@@ -52,6 +54,8 @@ class WorkerSide:
                 f"{self.layout.dtype}"
             )
         self.transfer = PagedTransfer(paged)
+        if paged.device.type == "cpu":
+            populate_in_background(_storages(kv_caches.values()), "kvtier-populate-vllm-kv")
         log.info(
             "kvtier: %d attention layers, %s layout (%s), block size %d, %s",
             len(kv_caches),
@@ -138,3 +142,9 @@ class WorkerSide:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def _storages(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
+    """The distinct memory regions under ``tensors`` (vLLM's layers may be views of one buffer)."""
+    regions = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sorted(regions.items())
