@@ -4,7 +4,6 @@ running in a thread of the test process (for the integration tests)."""
 from __future__ import annotations
 
 import hashlib
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from kvtier.memory.pool import MemoryPool
 from kvtier.metrics import CacheMetrics
 from kvtier.server.main import Server
 from kvtier.tokens.keys import CacheKey, Namespace
+from servers import free_port
 
 #: Tokens in a full test chunk: 32 tokens x 128 bytes per token = 4096 bytes, one allocator page.
 CHUNK_TOKENS = 32
@@ -101,8 +101,8 @@ class ThreadServer:
         config = load_config(
             env={},
             overrides={
-                "port": port or _free_port(),
-                "http_port": _free_port(),
+                "port": port or free_port(),
+                "http_port": free_port(),
                 "chunk_size": chunk_size,
                 "max_local_cpu_size": 0.25,
                 "local_disk": str(disk),
@@ -119,12 +119,6 @@ class ThreadServer:
     def stop(self) -> None:
         self.server.stop()
         self.thread.join(30)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -45,12 +45,26 @@ class KVBackend:
 
     kind = "?"
 
-    def __init__(self, config: KVTierConfig, layout: KVLayout, metrics: IntegrationMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: KVTierConfig,
+        layout: KVLayout,
+        *,
+        model_name: str,
+        world_size: int = 1,
+        rank: int = 0,
+        metrics: IntegrationMetrics | None = None,
+    ) -> None:
         self.config = config
         self.layout = layout
         self.chunk_size = config.chunk_size
         self.metrics = metrics or IntegrationMetrics()
         self._last_warning = 0.0
+        self._connect(model_name, world_size, rank)
+
+    def _connect(self, model_name: str, world_size: int, rank: int) -> None:
+        """Open the engine or the connection for this model, layout and parallel rank."""
+        raise NotImplementedError
 
     def lookup(self, tokens: Any, *, cache_salt: str = "") -> int:
         """Length of the longest cached prefix of ``tokens`` (0 when the cache cannot be reached)."""
@@ -103,19 +117,9 @@ class InProcessBackend(KVBackend):
 
     kind = "in-process"
 
-    def __init__(
-        self,
-        config: KVTierConfig,
-        layout: KVLayout,
-        *,
-        model_name: str,
-        world_size: int = 1,
-        rank: int = 0,
-        metrics: IntegrationMetrics | None = None,
-    ) -> None:
-        super().__init__(config, layout, metrics)
+    def _connect(self, model_name: str, world_size: int, rank: int) -> None:
         self.engine = CacheEngine(
-            config, layout, model_name=model_name, world_size=world_size, rank=rank, metrics=CacheMetrics()
+            self.config, self.layout, model_name=model_name, world_size=world_size, rank=rank, metrics=CacheMetrics()
         )
 
     def _lookup(self, tokens: Any, cache_salt: str) -> int:
@@ -138,25 +142,16 @@ class ServerBackend(KVBackend):
 
     kind = "server"
 
-    def __init__(
-        self,
-        config: KVTierConfig,
-        layout: KVLayout,
-        *,
-        model_name: str,
-        world_size: int = 1,
-        rank: int = 0,
-        metrics: IntegrationMetrics | None = None,
-    ) -> None:
+    def _connect(self, model_name: str, world_size: int, rank: int) -> None:
         from kvtier.client.client import KVTierClient  # the in-process path needs no ZMQ client
 
-        super().__init__(config, layout, metrics)
+        config = self.config
         assert config.server_url is not None
         self.url = config.server_url
         self.client = KVTierClient(
             config.server_url,
             model=model_name,
-            layout=layout,
+            layout=self.layout,
             world_size=world_size,
             rank=rank,
             chunk_size=config.chunk_size,

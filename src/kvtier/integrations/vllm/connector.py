@@ -17,7 +17,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from kvtier.config import FIELDS, KVTierConfig, load_config
-from kvtier.integrations.backend import open_backend
+from kvtier.integrations.backend import KVBackend, open_backend
 from kvtier.integrations.vllm import compat
 from kvtier.integrations.vllm.compat import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 from kvtier.integrations.vllm.lookup import LookupClient, LookupServer, lookup_address
@@ -106,15 +106,7 @@ class KVTierConnector(KVConnectorBase_V1):
         compat.recompute_failed_loads(vllm_config)
         lookup: Lookup
         if self.config.server_url:
-            world_size, rank = compat.parallel_rank(vllm_config, worker=False)
-            backend = open_backend(
-                self.config,
-                self.layout,
-                model_name=compat.model_name(vllm_config),
-                world_size=world_size,
-                rank=rank,
-                metrics=self.metrics,
-            )
+            backend = self._open_backend(vllm_config, worker=False)
             self._closers.append(backend)
             lookup = lambda tokens, salt: backend.lookup(tokens, cache_salt=salt)  # noqa: E731
         else:  # the cache lives in the worker: ask it
@@ -132,12 +124,19 @@ class KVTierConnector(KVConnectorBase_V1):
         )
 
     def _init_worker(self, vllm_config: VllmConfig) -> None:
-        world_size, rank = compat.parallel_rank(vllm_config, worker=True)
-        if not self.config.server_url and world_size > 1:
+        if not self.config.server_url and compat.parallel_rank(vllm_config, worker=True)[0] > 1:
             raise compat.UnsupportedVLLMError(
                 "kvtier's in-process mode serves one worker; with tensor parallelism set server_url"
             )
-        backend = open_backend(
+        backend = self._open_backend(vllm_config, worker=True)
+        self._worker = WorkerSide(backend, self.layout, self.block_size)
+        self._closers.append(self._worker)
+        if not self.config.server_url:
+            self._closers.append(LookupServer(backend, lookup_address(vllm_config.kv_transfer_config.engine_id)))
+
+    def _open_backend(self, vllm_config: VllmConfig, *, worker: bool) -> KVBackend:
+        world_size, rank = compat.parallel_rank(vllm_config, worker=worker)
+        return open_backend(
             self.config,
             self.layout,
             model_name=compat.model_name(vllm_config),
@@ -145,10 +144,6 @@ class KVTierConnector(KVConnectorBase_V1):
             rank=rank,
             metrics=self.metrics,
         )
-        self._worker = WorkerSide(backend, self.layout, self.block_size)
-        self._closers.append(self._worker)
-        if not self.config.server_url:
-            self._closers.append(LookupServer(backend, lookup_address(vllm_config.kv_transfer_config.engine_id)))
 
     # ---- scheduler side ----
 
