@@ -8,9 +8,12 @@ running ``kvtier server`` with ``--server-url tcp://127.0.0.1:5555``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
 from kvtier.config import KVTierConfig
+from kvtier.errors import KVTierError
+from kvtier.protocol import Op
 
 # A made-up operations manual: long, varied, and with facts to ask about.
 CITIES = ["Lisbon", "Osaka", "Nairobi", "Quito", "Tallinn", "Perth", "Dakar", "Montreal", "Hanoi", "Bergen"]
@@ -30,6 +33,7 @@ def run(args: argparse.Namespace, config: KVTierConfig) -> int:
     from kvtier.integrations.transformers import CachedCausalLM
 
     torch.manual_seed(0)
+    config = _with_server_chunk_size(config)
     path = prepare_model()
     tokenizer = AutoTokenizer.from_pretrained(path)
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -56,6 +60,25 @@ def run(args: argparse.Namespace, config: KVTierConfig) -> int:
     speedup = one.prefill.ttft_seconds / two.prefill.ttft_seconds
     print(f"TTFT {one.prefill.ttft_seconds * 1e3:.0f} ms -> {two.prefill.ttft_seconds * 1e3:.0f} ms ({speedup:.1f}x)")
     return 0 if two.prefill.reused_tokens > 0 else 1
+
+
+def _with_server_chunk_size(config: KVTierConfig) -> KVTierConfig:
+    """Against a server, use its chunk size (every client of a server must): the demo's own default is 64."""
+    if not config.server_url:
+        return config
+    from kvtier.client.client import Connection
+
+    connection = Connection(
+        config.server_url, timeout=config.server_timeout_sec, retries=1, auth_token=config.auth_token()
+    )
+    try:
+        chunk_size = int(connection.call(Op.PING, {}).meta["chunk_size"])
+    except KVTierError as exc:
+        print(f"kvtier demo: the server at {config.server_url} does not answer ({exc}); every request will miss")
+        return config
+    finally:
+        connection.close()
+    return dataclasses.replace(config, chunk_size=chunk_size)
 
 
 def _manual(tokenizer, target_tokens: int) -> str:
