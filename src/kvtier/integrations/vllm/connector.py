@@ -122,6 +122,7 @@ class KVTierConnector(KVConnectorBase_V1):
             can_save=compat.can_save(vllm_config),
             metrics=self.metrics,
         )
+        self._closers.append(self._scheduler)
 
     def _init_worker(self, vllm_config: VllmConfig) -> None:
         if not self.config.server_url and compat.parallel_rank(vllm_config, worker=True)[0] > 1:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvtier")
 Lookup = Callable[[list[int], str], int]  # (prompt tokens, cache salt) -> cached prefix length, 0 on failure
+# How long the scheduler waits for a lookup before answering "not yet" (vLLM then schedules other requests and
+# asks again at its next step): a fast cache answers within it, a slow one never stalls the whole batch.
+INLINE_LOOKUP_SEC = 0.02
 
 
 @dataclass(slots=True)
@@ -48,22 +53,42 @@ class SchedulerSide:
         self.can_load = can_load
         self.can_save = can_save
         self.metrics = metrics
-        # Both are emptied by request_finished; _hits also by update_state_after_alloc.
+        # All are emptied by request_finished; _hits also by update_state_after_alloc.
         self._hits: dict[str, int] = {}
         self._admitted: dict[str, _Admitted] = {}
+        self._pending: dict[str, Future[int]] = {}
+        self._lookups = ThreadPoolExecutor(2, thread_name_prefix="kvtier-lookup")
 
-    def num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
-        """Tokens beyond ``num_computed_tokens`` (vLLM's own prefix cache) that kvtier will load."""
+    def num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int | None:
+        """Tokens beyond ``num_computed_tokens`` (vLLM's own prefix cache) that kvtier will load; None while the
+        lookup is still running (vLLM asks again next step; a lookup never waits longer than
+        ``server_timeout_sec``, then it is a miss)."""
         tokens = compat.prompt_tokens(request)
         if tokens is None or not (self.can_load or self.can_save):
             return 0
         # The hit is also what a producer need not store again, so it is looked up in every role.
-        hit = self.lookup(tokens, compat.cache_salt(request))
+        hit = self._hit(request.request_id, tokens, compat.cache_salt(request))
+        if hit is None:
+            return None
         self._hits[request.request_id] = hit
         if not self.can_load:
             return 0
         # vLLM computes at least the last prompt token: its logits are the first output token.
         return max(0, min(hit, len(tokens) - 1) - num_computed_tokens)
+
+    def _hit(self, req_id: str, tokens: list[int], salt: str) -> int | None:
+        future = self._pending.get(req_id)
+        if future is None:
+            future = self._pending[req_id] = self._lookups.submit(self.lookup, tokens, salt)
+        try:
+            hit = future.result(timeout=INLINE_LOOKUP_SEC)
+        except FutureTimeout:
+            return None
+        except Exception as exc:  # the lookups catch their own failures: this is a bug, but only a miss
+            log.warning("kvtier: lookup for request %s failed: %s", req_id, exc)
+            hit = 0
+        del self._pending[req_id]
+        return hit
 
     def after_alloc(self, request: Request, num_external_tokens: int) -> None:
         hit = self._hits.pop(request.request_id, 0)
@@ -104,6 +129,12 @@ class SchedulerSide:
         """Forget the request (finished, aborted, or never scheduled): nothing is kept for it after this."""
         self._hits.pop(request.request_id, None)
         self._admitted.pop(request.request_id, None)
+        pending = self._pending.pop(request.request_id, None)
+        if pending is not None:
+            pending.cancel()
+
+    def close(self) -> None:
+        self._lookups.shutdown(wait=False, cancel_futures=True)
 
     def _load_op(self, req_id: str, admitted: _Admitted, done: int, output: SchedulerOutput) -> LoadOp:
         start = done - admitted.external  # vLLM's own prefix cache covers [0, start)
