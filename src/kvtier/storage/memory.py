@@ -1,8 +1,9 @@
 """L1: chunks kept in the host memory pool, byte-budgeted, evicted by a named policy.
 
 Reads are zero-copy: ``get`` hands out another reference to the cached object. Pinned keys (promised by a
-lookup lease, or being stored) are never chosen for eviction, and an evicted object that a reader still
-holds stays valid until the reader lets go.
+lookup lease, or being stored) are never chosen for eviction, nor are chunks another holder still references
+(a reader, a queued write to a slower tier): evicting them would free no memory. An object deleted or cleared
+while a reader holds it stays valid until the reader lets go.
 """
 
 from __future__ import annotations
@@ -112,11 +113,19 @@ class MemoryTier(StorageTier):
                 obj = self.pool.allocate(layout, num_tokens, align_like)
                 if obj is not None:
                     return obj
-                victim = self.policy.victim(lambda k: not self._pins.is_pinned(k))
+                victim = self.policy.victim(self._evictable)
                 if victim is None:
                     return None
                 self._drop(victim)  # type: ignore[arg-type]
                 self.metrics.evictions.inc(tier=self.name)
+
+    def _evictable(self, key: CacheKey) -> bool:
+        """Unpinned, and held by this tier alone: evicting a chunk a reader or a queued disk write still holds
+        would free no memory, only lose a cached chunk."""
+        if self._pins.is_pinned(key):
+            return False
+        entry = self._entries.get(key)
+        return entry is None or entry.refcount == 1
 
     def delete(self, key: CacheKey) -> bool:
         with self._lock:
