@@ -162,16 +162,26 @@ class CachedCausalLM:
 
     def _cache_from(self, staged: torch.Tensor | None, reused: int) -> Any:
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
+        cache = DynamicCache(config=self.model.config)
         if staged is None or reused == 0:
-            return DynamicCache(config=self.model.config)
-        layers = []
+            return cache
+        kvs = []
         for layer in range(self.layout.num_layers):
-            # (tokens, heads, head_dim) -> (1, heads, tokens, head_dim): a view; the cache copies on its first update
+            # (tokens, heads, head_dim) -> (1, heads, tokens, head_dim): a view (a copy only to reach a GPU)
             k = staged[layer, 0, :reused].transpose(0, 1).unsqueeze(0).to(self.device, non_blocking=True)
             v = staged[layer, 1, :reused].transpose(0, 1).unsqueeze(0).to(self.device, non_blocking=True)
-            layers.append((k, v))
-        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+            kvs.append((k, v))
+        if len(cache.layers) == len(kvs) and all(type(layer) is DynamicLayer for layer in cache.layers):
+            # Plain full-attention layers hold the views as they are: the forward's first update concatenates
+            # them with the new tokens into fresh memory anyway, so filling the cache through update() (a
+            # concatenation onto nothing) would copy the whole prefix once more for nothing.
+            for layer, (k, v) in zip(cache.layers, kvs, strict=True):
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
+            return cache
+        return DynamicCache(ddp_cache_data=kvs, config=self.model.config)
 
     def _forward(self, ids: torch.Tensor, start: int, cache: Any) -> torch.Tensor:
         suffix = ids[start:].unsqueeze(0).to(self.device)
