@@ -4,21 +4,18 @@ running in a thread of the test process (for the integration tests)."""
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kvtier.config import load_config
 from kvtier.memory.layout import KVLayout
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.memory.pool import MemoryPool
 from kvtier.metrics import CacheMetrics
-from kvtier.server.main import Server
 from kvtier.tokens.keys import CacheKey, Namespace
-from servers import free_port
+from servers import ThreadServer
 
 #: Tokens in a full test chunk: 32 tokens x 128 bytes per token = 4096 bytes, one allocator page.
 CHUNK_TOKENS = 32
@@ -92,33 +89,6 @@ def make_obj(pool: MemoryPool, layout: KVLayout) -> MakeObj:
         return obj
 
     return make
-
-
-class ThreadServer:
-    """A kvtier server on free loopback ports in a thread of this process (real ZMQ and shared memory)."""
-
-    def __init__(self, disk: Path, *, port: int = 0, chunk_size: int = 16) -> None:
-        config = load_config(
-            env={},
-            overrides={
-                "port": port or free_port(),
-                "http_port": free_port(),
-                "chunk_size": chunk_size,
-                "max_local_cpu_size": 0.25,
-                "local_disk": str(disk),
-                "max_local_disk_size": 0.5,
-            },
-        )
-        self.port = config.port
-        self.url = f"tcp://127.0.0.1:{config.port}"
-        self.server = Server(config)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        assert self.server.ready.wait(10)
-
-    def stop(self) -> None:
-        self.server.stop()
-        self.thread.join(30)
 
 
 @pytest.fixture

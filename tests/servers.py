@@ -1,5 +1,6 @@
-"""A real ``kvtier server`` as a child process on free loopback ports, for any test that needs one (the server
-tests, the vLLM integration tests). Importable as ``servers``: pytest puts ``tests/`` on ``sys.path``."""
+"""Real kvtier servers on free loopback ports for any test that needs one: a ``kvtier server`` child process
+(:class:`ServerProcess`) or a server in a thread of the test process (:class:`ThreadServer`, real ZMQ and shared
+memory, faster to start). Importable as ``servers``: pytest puts ``tests/`` on ``sys.path``."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
+
+from kvtier.config import load_config
+from kvtier.server.main import Server
 
 CHUNK = 16
 
@@ -91,3 +97,30 @@ class ServerProcess:
                 self.proc.wait()
         self._log_file.close()
         return self.proc.returncode
+
+
+class ThreadServer:
+    """A kvtier server in a thread of this process, with its own disk tier; ``overrides`` are config keys
+    (``port`` 0 or absent: a free one)."""
+
+    def __init__(self, disk: Path, **overrides: Any) -> None:
+        values = {
+            "chunk_size": CHUNK,
+            "max_local_cpu_size": 0.25,
+            "local_disk": str(disk),
+            "max_local_disk_size": 0.5,
+            **overrides,
+        }
+        values["port"] = values.get("port") or free_port()
+        values["http_port"] = values.get("http_port") or free_port()
+        config = load_config(env={}, overrides=values)
+        self.port, self.http_port = config.port, config.http_port
+        self.url = f"tcp://127.0.0.1:{config.port}"
+        self.server = Server(config)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        assert self.server.ready.wait(10)
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.thread.join(30)

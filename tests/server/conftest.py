@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kvtier import KVLayout, load_config
+from kvtier import KVLayout
 from kvtier.client import KVTierClient
-from kvtier.server.main import Server
-from servers import CHUNK, ServerProcess, free_port, http_get
+from servers import CHUNK, ServerProcess, ThreadServer, free_port, http_get
 
 __all__ = ["CHUNK", "LAYOUT", "InProcessServer", "ServerProcess", "free_port", "http_get"]  # for the tests here
 
@@ -34,34 +32,16 @@ def server_process(tmp_path: Path) -> Iterator:
         proc.stop(signal.SIGTERM)  # a clean stop removes its shared-memory pool
 
 
-class InProcessServer:
+class InProcessServer(ThreadServer):
+    """A :class:`ThreadServer` with the small budgets of the server tests, and a client for their layout."""
+
     def __init__(self, disk: Path, **overrides: object) -> None:
-        self.port, self.http_port = free_port(), free_port()
-        config = load_config(
-            env={},
-            overrides={
-                "port": self.port,
-                "http_port": self.http_port,
-                "chunk_size": CHUNK,
-                "max_local_cpu_size": 0.05,
-                "local_disk": str(disk),
-                "max_local_disk_size": 0.1,
-                **overrides,
-            },
-        )
-        self.server = Server(config)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        assert self.server.ready.wait(10)
+        super().__init__(disk, **{"max_local_cpu_size": 0.05, "max_local_disk_size": 0.1, **overrides})
 
     def client(self, **kw: object) -> KVTierClient:
         return KVTierClient(
             f"127.0.0.1:{self.port}", model="test-model", layout=LAYOUT, chunk_size=CHUNK, **{"timeout": 5.0, **kw}
         )  # type: ignore[arg-type]
-
-    def stop(self) -> None:
-        self.server.stop()
-        self.thread.join(30)
 
 
 @pytest.fixture
