@@ -419,6 +419,16 @@ class CacheEngine:
         return skip
 
 
+def skip_mask(num_tokens: int, skip_tokens: int) -> np.ndarray | None:
+    """The mask (False...False True...True) that skips the first ``skip_tokens`` of a prompt; None for none:
+    what callers that only know "the head is cached already" pass to store/retrieve/reserve/acquire."""
+    if not skip_tokens:
+        return None
+    mask = np.ones(num_tokens, dtype=bool)
+    mask[:skip_tokens] = False
+    return mask
+
+
 def _token_count(tokens: Any) -> int:
     return int(tokens.shape[0]) if hasattr(tokens, "shape") else len(tokens)
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from kvtier.config import KVTierConfig
-from kvtier.engine.cache_engine import CacheEngine
+from kvtier.engine.cache_engine import CacheEngine, skip_mask
 from kvtier.memory.layout import KVLayout
 from kvtier.metrics import CacheMetrics, IntegrationMetrics
 
@@ -126,12 +126,13 @@ class InProcessBackend(KVBackend):
         return self.engine.lookup(tokens, cache_salt=cache_salt).hit_tokens
 
     def _retrieve(self, tokens: Any, out: Any, skip_tokens: int, cache_salt: str) -> Loaded:
-        result = self.engine.retrieve(tokens, out, mask=_skip_mask(tokens, skip_tokens), cache_salt=cache_salt)
+        result = self.engine.retrieve(tokens, out, mask=skip_mask(len(tokens), skip_tokens), cache_salt=cache_salt)
         end = skip_tokens + result.loaded_tokens if result.loaded_tokens else 0
         return Loaded(end, result.loaded_tokens, result.tier_tokens)
 
     def _store(self, tokens: Any, kv: Any, skip_tokens: int, cache_salt: str) -> int:
-        return self.engine.store(tokens, kv, mask=_skip_mask(tokens, skip_tokens), cache_salt=cache_salt).stored_tokens
+        result = self.engine.store(tokens, kv, mask=skip_mask(len(tokens), skip_tokens), cache_salt=cache_salt)
+        return result.stored_tokens
 
     def close(self) -> None:
         self.engine.close()
@@ -202,11 +203,3 @@ def as_numpy(tensor: Any) -> np.ndarray:
     if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
         tensor = tensor.view(torch.uint16 if tensor.element_size() == 2 else torch.uint8)
     return tensor.numpy()
-
-
-def _skip_mask(tokens: Any, skip_tokens: int) -> np.ndarray | None:
-    if not skip_tokens:
-        return None
-    mask = np.ones(len(tokens), dtype=bool)
-    mask[:skip_tokens] = False
-    return mask

@@ -24,7 +24,7 @@ import numpy as np
 from kvtier import __version__
 from kvtier.codecs.chunk_format import HEADER_SIZE, decode_header, make_header, verify_payload
 from kvtier.config import KVTierConfig
-from kvtier.engine.cache_engine import CacheEngine
+from kvtier.engine.cache_engine import CacheEngine, skip_mask
 from kvtier.errors import KVTierError
 from kvtier.memory.layout import KVLayout
 from kvtier.metrics import CacheMetrics, ServerMetrics
@@ -192,11 +192,7 @@ class CacheService:
         skip = get_field(request.meta, "skip_tokens", int, 0)
         if not 0 <= skip <= num_tokens:
             raise ProtocolError(f"skip_tokens {skip} out of range")
-        if not skip:
-            return None
-        mask = np.ones(num_tokens, dtype=bool)
-        mask[:skip] = False
-        return mask
+        return skip_mask(num_tokens, skip)
 
     def _prefetch(self, request: Message) -> Message:
         engine, tokens = self.engine_for(request.meta), self._tokens(request)
