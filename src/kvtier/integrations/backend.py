@@ -148,7 +148,6 @@ class ServerBackend(KVBackend):
 
         config = self.config
         assert config.server_url is not None
-        self.url = config.server_url
         self.client = KVTierClient(
             config.server_url,
             model=model_name,
@@ -166,7 +165,8 @@ class ServerBackend(KVBackend):
 
     def _retrieve(self, tokens: Any, out: Any, skip_tokens: int, cache_salt: str) -> Loaded:
         limit = int(out.shape[2])
-        tokens = np.asarray(tokens, dtype=np.int64)[: limit - limit % self.chunk_size if limit < len(tokens) else None]
+        if limit < len(tokens):  # the server sends every cached chunk asked for: ask only for those that fit
+            tokens = tokens[: limit - limit % self.chunk_size]
         result = self.client.retrieve(tokens, out=as_numpy(out), skip_tokens=skip_tokens, cache_salt=cache_salt)
         end = skip_tokens + result.loaded_tokens if result.loaded_tokens else 0
         return Loaded(end, result.loaded_tokens, result.tiers)
