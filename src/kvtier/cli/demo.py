@@ -12,6 +12,7 @@ import dataclasses
 import logging
 
 from kvtier.config import KVTierConfig
+from kvtier.engine.results import describe_tiers
 from kvtier.errors import KVTierError
 from kvtier.protocol import Op
 
@@ -97,7 +98,7 @@ def _report(number: int, what: str, generation, answer: str) -> None:
     p = generation.prefill
     print(f"Request {number}: {what}, {p.prompt_tokens} prompt tokens")
     if p.reused_tokens:
-        tiers = ", ".join(f"{n} from {tier}" for tier, n in p.tier_tokens.items())
+        tiers = describe_tiers(p.tier_tokens)
         print(f"  Retrieved {p.reused_tokens} tokens ({tiers}) in {p.load_seconds * 1e3:.1f} ms")
     else:
         print("  No cached prefix: computed the whole prompt")

@@ -21,7 +21,7 @@ import numpy as np
 
 from kvtier.config import KVTierConfig
 from kvtier.engine.leases import Lease, LeaseTable
-from kvtier.engine.results import LookupResult, RetrieveResult, StoreResult
+from kvtier.engine.results import LookupResult, RetrieveResult, StoreResult, describe_tiers
 from kvtier.engine.transfer import ArrayKV, KVDestination, KVSource, as_destination, as_source
 from kvtier.errors import LayoutError
 from kvtier.memory.layout import KVLayout
@@ -336,7 +336,7 @@ class CacheEngine:
             m.read_bytes.inc(self.layout.chunk_bytes(memory_tokens), tier="memory")
         m.retrieve_seconds.observe(result.seconds)
         nbytes = self.layout.chunk_bytes(result.loaded_tokens)
-        where = ", ".join(f"{n} from {t}" for t, n in result.tier_tokens.items()) or "miss"
+        where = describe_tiers(result.tier_tokens)
         log.info(
             "Retrieved %d of %d tokens (%s) in %.2f ms (%s)",
             result.loaded_tokens,

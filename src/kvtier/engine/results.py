@@ -43,3 +43,8 @@ class RetrieveResult:
     kv: Any
     tier_tokens: dict[str, int]
     seconds: float
+
+
+def describe_tiers(tier_tokens: dict[str, int], empty: str = "miss") -> str:
+    """``"3840 from memory, 256 from disk"``: where a prefix came from, as every log line and report words it."""
+    return ", ".join(f"{n} from {tier}" for tier, n in tier_tokens.items() if n) or empty

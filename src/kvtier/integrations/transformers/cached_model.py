@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from kvtier.config import KVTierConfig, load_config
+from kvtier.engine.results import describe_tiers
 from kvtier.integrations.backend import KVBackend, open_backend
 from kvtier.memory.layout import KVLayout
 
@@ -215,7 +216,7 @@ class CachedCausalLM:
         m.reused_tokens.inc(result.reused_tokens)
         m.computed_tokens.inc(result.computed_tokens)
         m.ttft_seconds.observe(result.ttft_seconds)
-        where = ", ".join(f"{n} from {t}" for t, n in result.tier_tokens.items()) or "miss"
+        where = describe_tiers(result.tier_tokens)
         log.info(
             "Prefill of %d tokens: reused %d (%s, loaded in %.1f ms), computed %d in %.1f ms; TTFT %.1f ms",
             result.prompt_tokens,

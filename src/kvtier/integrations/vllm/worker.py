@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.engine.results import describe_tiers
 from kvtier.integrations.backend import KVBackend, Loaded
 from kvtier.integrations.vllm.layouts import PagedKV, PagedLayout, PagedTransfer, blocks_of, slot_mapping
 from kvtier.integrations.vllm.metadata import KVTierConnectorMetadata, LoadOp, StoreOp
@@ -124,7 +125,7 @@ class WorkerSide:
         self.stats.loaded_tokens += num_loaded
         self.stats.load_failed_tokens += op.end - op.start - num_loaded
         self.stats.load_seconds += seconds
-        tiers = ", ".join(f"{n} from {tier}" for tier, n in loaded.tier_tokens.items() if n) or "none found"
+        tiers = describe_tiers(loaded.tier_tokens, empty="none found")
         failed = op.end - op.start - num_loaded
         log.info(
             "kvtier: request %s: Retrieved %d of %d prompt tokens (%s) in %.1f ms (%.1f ms from kvtier, then into "
