@@ -38,7 +38,7 @@ import numpy as np
 import redis
 
 from kvtier import CacheEngine, KVLayout, load_config
-from kvtier.codecs.chunk_format import HEADER_SIZE
+from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.memory.pool import MemoryPool
 from kvtier.metrics import CacheMetrics
@@ -236,9 +236,9 @@ def interleaved(cases: list[Case], reps: int) -> dict[tuple[str, str], list[floa
 def bench_shape(url: str, shape: str, tokens: int, chunk: int, reps: int) -> None:
     layout = KVLayout(*SHAPES[shape])
     count, chunk_bytes = tokens // chunk, layout.chunk_bytes(chunk)
-    nbytes = count * (HEADER_SIZE + chunk_bytes)
+    nbytes = count * (CHUNK_HEADER_SIZE + chunk_bytes)
     values = [
-        np.random.default_rng(i).integers(0, 256, HEADER_SIZE + chunk_bytes, dtype=np.uint8) for i in range(count)
+        np.random.default_rng(i).integers(0, 256, CHUNK_HEADER_SIZE + chunk_bytes, dtype=np.uint8) for i in range(count)
     ]
     psi_start = cpu_pressure()
     with ExitStack() as stack:

@@ -39,7 +39,7 @@ import numpy as np
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 
 from kvtier import CacheEngine, KVLayout, load_config
-from kvtier.codecs.chunk_format import HEADER_SIZE
+from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE
 from kvtier.config import KVTierConfig
 from kvtier.memory.pool import MemoryPool
 from kvtier.metrics import CacheMetrics
@@ -272,7 +272,7 @@ def bench_workload(name: str, settings: dict[str, Any], connections: int, timeou
         client.create_bucket(Bucket=BUCKET)
     kv = random_kv(layout, tokens, 0)
     value = memoryview(random_kv(layout, chunk, 1)).cast("B")
-    values = [bytes(value) + bytes(HEADER_SIZE) for _ in range(count)]  # the size of a stored chunk
+    values = [bytes(value) + bytes(CHUNK_HEADER_SIZE) for _ in range(count)]  # the size of a stored chunk
     with ThreadPoolExecutor(connections) as threads:
         engine = EngineWay(config, layout, kv)
         ways: dict[str, Way] = {

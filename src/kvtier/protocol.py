@@ -27,7 +27,7 @@ from kvtier.memory.layout import KVLayout
 MAGIC = b"KVTP"
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<4sHBBQIII")  # + header CRC-32 (u32)
-HEADER_SIZE = HEADER.size + 4
+FRAME_HEADER_SIZE = HEADER.size + 4
 MAX_META_BYTES = 64 * 1024
 MAX_KEYS = 1024  # chunk keys in one key-level request (each ~100 bytes of meta)
 
@@ -108,7 +108,7 @@ def decode(frames: list[Any]) -> Message:
     if len(frames) < 2:
         raise ProtocolError(f"a message has at least 2 frames (header, meta), got {len(frames)}")
     head, meta_raw = _bytes(frames[0]), _bytes(frames[1])
-    if len(head) != HEADER_SIZE or head[:4] != MAGIC:
+    if len(head) != FRAME_HEADER_SIZE or head[:4] != MAGIC:
         raise ProtocolError("not a kvtier message (bad header size or magic)")
     if zlib.crc32(head[:-4]) != int.from_bytes(head[-4:], "little"):
         raise ProtocolError("header checksum mismatch")

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvtier.codecs.chunk_format import (
+    CHUNK_HEADER_SIZE,
     FORMAT_VERSION,
-    HEADER_SIZE,
     MAGIC,
     ChunkHeader,
     decode_header,
@@ -26,7 +26,7 @@ from kvtier.tokens.keys import KEY_ID_SIZE
 # Field offsets of the v1 header (little-endian; see the format description in chunk_format.py).
 VERSION, HEADER_LEN, CODEC, DTYPE, KV_SIZE = 4, 6, 8, 9, 10
 LAYERS, HEADS, HEAD_DIM, TOKENS, PAYLOAD_SIZE, PAYLOAD_CRC, KEY = 12, 16, 20, 24, 28, 36, 40
-HEADER_CRC = HEADER_SIZE - 4
+HEADER_CRC = CHUNK_HEADER_SIZE - 4
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16")
 KEY_A = hashlib.blake2b(b"key-a", digest_size=KEY_ID_SIZE).digest()
@@ -64,7 +64,7 @@ def test_header_round_trip(layout: KVLayout, num_tokens: int, key_id: bytes) -> 
     size = layout.chunk_bytes(num_tokens)
     header = ChunkHeader(key_id, layout, num_tokens, size, 0xDEADBEEF)
     raw = header.encode()
-    assert len(raw) == HEADER_SIZE
+    assert len(raw) == CHUNK_HEADER_SIZE
     assert decode_header(raw, key_id) == header
     assert decode_header(raw + b"payload follows") == header  # only the first 128 bytes are the header
 
@@ -73,7 +73,7 @@ def test_header_layout_is_the_documented_one() -> None:
     """The bytes on disk follow the v1 layout field by field (other implementations read them)."""
     raw, payload = chunk(32)
     assert raw[:4] == MAGIC == b"KVTC"
-    assert struct.unpack_from("<HHBBB", raw, VERSION) == (FORMAT_VERSION, HEADER_SIZE, 0, 1, 2)
+    assert struct.unpack_from("<HHBBB", raw, VERSION) == (FORMAT_VERSION, CHUNK_HEADER_SIZE, 0, 1, 2)
     assert struct.unpack_from("<IIII", raw, LAYERS) == (2, 2, 8, 32)
     assert struct.unpack_from("<QI", raw, PAYLOAD_SIZE) == (len(payload), zlib.crc32(payload))
     assert raw[KEY : KEY + KEY_ID_SIZE] == KEY_A
@@ -154,7 +154,7 @@ def test_payload_bit_flip_fails_the_checksum(offset: int) -> None:
     assert not isinstance(info.value, TruncatedChunkError)
 
 
-@pytest.mark.parametrize("length", [0, 1, 64, HEADER_SIZE - 1])
+@pytest.mark.parametrize("length", [0, 1, 64, CHUNK_HEADER_SIZE - 1])
 def test_truncated_header(length: int) -> None:
     raw, _ = chunk(32)
     with pytest.raises(TruncatedChunkError, match="header truncated"):

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import CHUNK, LAYOUT
-from kvtier.protocol import HEADER_SIZE, Message, Op, encode, layout_to_meta
+from kvtier.protocol import FRAME_HEADER_SIZE, Message, Op, encode, layout_to_meta
 
 NAMESPACE = {"model": "test-model", "layout": layout_to_meta(LAYOUT), "chunk_size": CHUNK}
 
@@ -59,7 +59,7 @@ def mutate(frames: list[bytes], rng: random.Random) -> list[bytes]:
         frames = reframe(frames, rng.randbytes(rng.randrange(100)))
     elif kind == 7:  # wrong op / status / frame count in a re-checksummed header
         head = bytearray(frames[0])
-        if len(head) == HEADER_SIZE:
+        if len(head) == FRAME_HEADER_SIZE:
             head[rng.choice([6, 7, 20])] = rng.randrange(256)
             head[-4:] = zlib.crc32(bytes(head[:-4])).to_bytes(4, "little")
         frames[0] = bytes(head)
@@ -90,7 +90,7 @@ HOSTILE_META = [
 
 def reframe(frames: list[bytes], meta: bytes) -> list[bytes]:
     head = bytearray(frames[0])
-    if len(head) != HEADER_SIZE or len(frames) < 2:
+    if len(head) != FRAME_HEADER_SIZE or len(frames) < 2:
         return frames
     head[24:28] = zlib.crc32(meta).to_bytes(4, "little")
     head[-4:] = zlib.crc32(bytes(head[:-4])).to_bytes(4, "little")

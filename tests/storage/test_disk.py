@@ -23,7 +23,7 @@ import pytest
 from contract import Content, StorageTierContract, read, store
 
 import kvtier.storage.disk as disk_module
-from kvtier.codecs.chunk_format import HEADER_SIZE
+from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE
 from kvtier.memory.layout import KVLayout
 from kvtier.memory.pool import MemoryPool
 from kvtier.metrics import CacheMetrics
@@ -31,7 +31,7 @@ from kvtier.storage.disk import DiskTier
 from kvtier.storage.eviction import EVICTION_POLICIES, LRUPolicy, make_policy
 from kvtier.tokens.keys import CacheKey
 
-FILE_BYTES = HEADER_SIZE + 4096  # one full test chunk on disk
+FILE_BYTES = CHUNK_HEADER_SIZE + 4096  # one full test chunk on disk
 
 
 @pytest.fixture
@@ -253,7 +253,9 @@ def _flip(offset: int):
 
 
 def _reseal(raw: bytearray) -> None:
-    raw[HEADER_SIZE - 4 : HEADER_SIZE] = zlib.crc32(bytes(raw[: HEADER_SIZE - 4])).to_bytes(4, "little")
+    raw[CHUNK_HEADER_SIZE - 4 : CHUNK_HEADER_SIZE] = zlib.crc32(bytes(raw[: CHUNK_HEADER_SIZE - 4])).to_bytes(
+        4, "little"
+    )
 
 
 def _set_tokens(path: Path) -> None:
@@ -267,12 +269,12 @@ def _set_tokens(path: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "kind"),
     [
-        (_flip(HEADER_SIZE + 100), "corrupt"),  # one payload bit
-        (_flip(HEADER_SIZE + 4095), "corrupt"),  # the last payload byte
+        (_flip(CHUNK_HEADER_SIZE + 100), "corrupt"),  # one payload bit
+        (_flip(CHUNK_HEADER_SIZE + 4095), "corrupt"),  # the last payload byte
         (_flip(0), "corrupt"),  # magic
         (_flip(30), "corrupt"),  # a header field, checksum not updated
         (_set_tokens, "corrupt"),  # a header field, checksum updated
-        (lambda p: os.truncate(p, HEADER_SIZE + 2000), "truncated"),  # torn payload
+        (lambda p: os.truncate(p, CHUNK_HEADER_SIZE + 2000), "truncated"),  # torn payload
         (lambda p: os.truncate(p, 60), "truncated"),  # torn header
         (lambda p: os.truncate(p, 0), "truncated"),
     ],

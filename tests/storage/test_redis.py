@@ -21,7 +21,7 @@ from processes import free_ports
 from redis_servers import RedisClusterServers, RedisSentinel, RedisServer
 
 from kvtier import CacheEngine, KVLayout, load_config
-from kvtier.codecs.chunk_format import HEADER_SIZE, decode_header
+from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_header
 from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
@@ -108,9 +108,9 @@ def test_one_key_per_chunk_holding_header_and_payload(redis_server, make_tier, m
     with redis_server.client() as client:
         value = client.get(tier.name_for(keys[0]))
         assert client.pttl(tier.name_for(keys[0])) == -1  # no TTL unless configured
-    header = decode_header(value[:HEADER_SIZE], keys[0].id)
-    assert header.num_tokens == 32 and len(value) == HEADER_SIZE + header.payload_size
-    assert value[HEADER_SIZE:] == content(keys[0].id, header.payload_size).tobytes()
+    header = decode_header(value[:CHUNK_HEADER_SIZE], keys[0].id)
+    assert header.num_tokens == 32 and len(value) == CHUNK_HEADER_SIZE + header.payload_size
+    assert value[CHUNK_HEADER_SIZE:] == content(keys[0].id, header.payload_size).tobytes()
 
 
 def command_calls(clients: list[redis.Redis], command: str) -> int:
@@ -474,10 +474,10 @@ def _cut(length: int) -> Damage:
 @pytest.mark.parametrize(
     ("damage", "kind"),
     [
-        (_flip(HEADER_SIZE + 100), "corrupt"),
-        (_flip(HEADER_SIZE + 4095), "corrupt"),  # the last payload byte
+        (_flip(CHUNK_HEADER_SIZE + 100), "corrupt"),
+        (_flip(CHUNK_HEADER_SIZE + 4095), "corrupt"),  # the last payload byte
         (_flip(30), "corrupt"),  # a header field
-        (_cut(HEADER_SIZE + 1000), "truncated"),
+        (_cut(CHUNK_HEADER_SIZE + 1000), "truncated"),
         (_cut(60), "truncated"),
         (_cut(0), "truncated"),
     ],

@@ -20,7 +20,7 @@ from contract import StorageTierContract, read, store
 from s3_server import LIMITED_ACCESS_KEY, LIMITED_SECRET_KEY, SeaweedS3, s3_server  # noqa: F401
 
 from kvtier import CacheEngine, KVLayout, load_config
-from kvtier.codecs.chunk_format import HEADER_SIZE
+from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE
 from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError, StorageError
 from kvtier.memory.pool import MemoryPool
@@ -375,10 +375,10 @@ def _flip(offset: int):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("damage", "kind"),
     [
-        (_flip(HEADER_SIZE + 100), "corrupt"),
+        (_flip(CHUNK_HEADER_SIZE + 100), "corrupt"),
         (_flip(-1), "corrupt"),
         (_flip(30), "corrupt"),
-        (lambda raw: raw[: HEADER_SIZE + 2000], "truncated"),
+        (lambda raw: raw[: CHUNK_HEADER_SIZE + 2000], "truncated"),
         (lambda raw: raw[:60], "truncated"),
         (lambda raw: b"", "truncated"),
     ],

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvtier.codecs.chunk_format import HEADER_SIZE
+from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE
 from kvtier.memory.layout import KVLayout
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.memory.pool import MemoryPool
@@ -171,7 +171,7 @@ def test_read_stops_at_a_corrupt_chunk_without_leaking(build, make_keys, layout,
     storage.memory.clear()  # type: ignore[union-attr]
     path = disk.path_for(keys[1].id)  # type: ignore[attr-defined]
     raw = bytearray(path.read_bytes())
-    raw[HEADER_SIZE + 7] ^= 1
+    raw[CHUNK_HEADER_SIZE + 7] ^= 1
     path.write_bytes(bytes(raw))
     chunks = storage.read(keys, storage.locate(keys))
     assert chunks.tiers == ["disk"]

@@ -23,13 +23,13 @@ except ImportError:
 
 MAGIC = b"KVTC"
 FORMAT_VERSION = 1
-HEADER_SIZE = 128
+CHUNK_HEADER_SIZE = 128
 CODEC_RAW = 0
 
 # magic, version, header size, codec, dtype code, kv size, reserved, layers, kv heads, head dim, tokens,
 # payload size, payload crc32, key id (namespace digest + chunk hash); then padding; header crc32 is last.
 _BODY = struct.Struct("<4sHHBBBxIIIIQI48s")
-_PAD = HEADER_SIZE - _BODY.size - 4
+_PAD = CHUNK_HEADER_SIZE - _BODY.size - 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +47,7 @@ class ChunkHeader:
         body = _BODY.pack(
             MAGIC,
             FORMAT_VERSION,
-            HEADER_SIZE,
+            CHUNK_HEADER_SIZE,
             self.codec,
             DTYPES_BY_NAME[self.layout.dtype].code,
             self.layout.kv_size,
@@ -75,9 +75,9 @@ def make_header(key_id: bytes, layout: KVLayout, num_tokens: int, payload: memor
 
 def decode_header(raw: bytes | memoryview, expected_key_id: bytes | None = None) -> ChunkHeader:
     """Parse and verify a header; raise CorruptChunkError (or TruncatedChunkError) if anything is off."""
-    if len(raw) < HEADER_SIZE:
-        raise TruncatedChunkError(f"header truncated: {len(raw)} of {HEADER_SIZE} bytes")
-    raw = bytes(raw[:HEADER_SIZE])
+    if len(raw) < CHUNK_HEADER_SIZE:
+        raise TruncatedChunkError(f"header truncated: {len(raw)} of {CHUNK_HEADER_SIZE} bytes")
+    raw = bytes(raw[:CHUNK_HEADER_SIZE])
     if raw[:4] != MAGIC:
         raise CorruptChunkError("bad magic: not a kvtier chunk")
     if zlib.crc32(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
@@ -97,7 +97,7 @@ def decode_header(raw: bytes | memoryview, expected_key_id: bytes | None = None)
         crc,
         key_id,
     ) = _BODY.unpack_from(raw)
-    if version != FORMAT_VERSION or header_size != HEADER_SIZE:
+    if version != FORMAT_VERSION or header_size != CHUNK_HEADER_SIZE:
         raise CorruptChunkError(f"unsupported chunk format version {version} (this build reads {FORMAT_VERSION})")
     if codec != CODEC_RAW:
         raise CorruptChunkError(f"unknown chunk codec {codec}")

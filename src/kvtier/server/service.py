@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from kvtier import __version__
-from kvtier.codecs.chunk_format import HEADER_SIZE, decode_header, make_header, verify_payload
+from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_header, make_header, verify_payload
 from kvtier.config import KVTierConfig
 from kvtier.engine.cache_engine import CacheEngine, skip_mask
 from kvtier.errors import KVTierError
@@ -250,13 +250,13 @@ class CacheService:
             raise ProtocolError(f"{len(keys)} keys but {len(request.payload)} value frames")
         stored = 0
         for key, frame in zip(keys, request.payload, strict=True):
-            header = decode_header(frame[:HEADER_SIZE], key.id)
-            verify_payload(header, frame[HEADER_SIZE:])
+            header = decode_header(frame[:CHUNK_HEADER_SIZE], key.id)
+            verify_payload(header, frame[CHUNK_HEADER_SIZE:])
             obj = self.storage.allocate(header.layout, header.num_tokens)
             if obj is None:
                 break  # memory full of pinned chunks: the rest is not stored, as in a local store
             try:
-                obj.data[:] = frame[HEADER_SIZE : HEADER_SIZE + header.payload_size]
+                obj.data[:] = frame[CHUNK_HEADER_SIZE : CHUNK_HEADER_SIZE + header.payload_size]
                 stored += self.storage.write([key], [obj])
             finally:
                 obj.unref()

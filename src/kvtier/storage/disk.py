@@ -18,7 +18,7 @@ import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from kvtier.codecs.chunk_format import HEADER_SIZE, decode_header, make_header, verify_payload
+from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_header, make_header, verify_payload
 from kvtier.errors import CorruptChunkError, TruncatedChunkError
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.metrics import CacheMetrics
@@ -104,7 +104,7 @@ class DiskTier(StorageTier):
         return key.id in self._sizes
 
     def put(self, key: CacheKey, obj: MemoryObj) -> bool:
-        size = HEADER_SIZE + obj.nbytes
+        size = CHUNK_HEADER_SIZE + obj.nbytes
         with self._lock:
             if key.id in self._sizes or key.id in self._writing:
                 return False
@@ -178,7 +178,7 @@ class DiskTier(StorageTier):
             with self._lock:
                 self._pins.unpin(key.id)
         if obj is not None:
-            self.metrics.read_bytes.inc(HEADER_SIZE + obj.nbytes, tier=self.name)
+            self.metrics.read_bytes.inc(CHUNK_HEADER_SIZE + obj.nbytes, tier=self.name)
             self.metrics.read_seconds.observe(time.perf_counter() - started, tier=self.name)
         return obj
 
@@ -186,7 +186,7 @@ class DiskTier(StorageTier):
         obj = None
         try:
             with open(self.path_for(key.id), "rb", buffering=0) as f:
-                header = decode_header(f.read(HEADER_SIZE), key.id)
+                header = decode_header(f.read(CHUNK_HEADER_SIZE), key.id)
                 obj = allocate(header.layout, header.num_tokens)
                 if obj is None:
                     self.metrics.errors.inc(tier=self.name, kind="no_memory")

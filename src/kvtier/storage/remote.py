@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from kvtier.codecs.chunk_format import HEADER_SIZE, decode_header, make_header, verify_payload
+from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_header, make_header, verify_payload
 from kvtier.errors import CorruptChunkError, TruncatedChunkError
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.metrics import CacheMetrics
@@ -185,7 +185,7 @@ class RemoteTier(StorageTier):
         values = self._call("get", lambda: self.store.get_many(names), [None] * len(keys))
         objs = [None if v is None else self._decode(k, v, allocate) for k, v in zip(keys, values, strict=True)]
         elapsed = time.perf_counter() - started
-        nbytes = sum(HEADER_SIZE + o.nbytes for o in objs if o is not None)
+        nbytes = sum(CHUNK_HEADER_SIZE + o.nbytes for o in objs if o is not None)
         if nbytes:
             self.metrics.read_bytes.inc(nbytes, tier=self.name)
             self.metrics.read_seconds.observe(elapsed, tier=self.name)
@@ -196,8 +196,8 @@ class RemoteTier(StorageTier):
         view = memoryview(value)
         obj = None
         try:
-            header = decode_header(view[:HEADER_SIZE], key.id)
-            payload = view[HEADER_SIZE:]
+            header = decode_header(view[:CHUNK_HEADER_SIZE], key.id)
+            payload = view[CHUNK_HEADER_SIZE:]
             verify_payload(header, payload)
             obj = allocate(header.layout, header.num_tokens)
             if obj is None:
@@ -232,7 +232,7 @@ class RemoteTier(StorageTier):
 
         ok = self._call("put", write, False)
         if ok:
-            self.metrics.write_bytes.inc(HEADER_SIZE + obj.nbytes, tier=self.name)
+            self.metrics.write_bytes.inc(CHUNK_HEADER_SIZE + obj.nbytes, tier=self.name)
             self.metrics.write_seconds.observe(time.perf_counter() - started, tier=self.name)
         return ok
 
