@@ -30,6 +30,8 @@ HEADER = struct.Struct("<4sHBBQIII")  # + header CRC-32 (u32)
 FRAME_HEADER_SIZE = HEADER.size + 4
 MAX_META_BYTES = 64 * 1024
 MAX_KEYS = 1024  # chunk keys in one key-level request (each ~100 bytes of meta)
+MAX_LAYOUT_DIM = 1 << 16  # layers, KV heads or head size of a layout a peer describes
+MAX_BYTES_PER_TOKEN = 1 << 24  # 16 MiB of KV per token: 100x the largest models' (Llama-3-405B fp16: 504 KiB)
 
 
 class Op(IntEnum):
@@ -123,17 +125,55 @@ def decode(frames: list[Any]) -> Message:
         raise ProtocolError(f"meta frame exceeds {MAX_META_BYTES} bytes", Status.TOO_LARGE)
     if zlib.crc32(meta_raw) != meta_crc:
         raise ProtocolError("meta checksum mismatch")
-    try:
-        meta = json.loads(meta_raw) if meta_raw else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"meta is not JSON: {exc}") from None
-    if not isinstance(meta, dict):
-        raise ProtocolError("meta must be a JSON object")
+    meta = parse_json_object(meta_raw, "meta") if meta_raw else {}
     try:
         status = Status(status)
     except ValueError:
         raise ProtocolError(f"unknown status {status}") from None
     return Message(op, request_id, meta, [memoryview(_buffer(f)) for f in frames[2:]], status, timeout_ms)
+
+
+def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """A JSON object sent by a peer, or ProtocolError: never any other exception, whatever ``raw`` holds.
+
+    Stricter than ``json.loads``, because the result is trusted by code that never expected anything else:
+    nesting beyond the interpreter's recursion limit, integers outside 64 bits (``json`` parses 4,300 digits),
+    NaN/Infinity, duplicate keys (two readers may pick different ones) and lone UTF-16 surrogates (they fail
+    later, when a name is encoded) are all refused here.
+    """
+    try:
+        value = json.loads(raw, parse_int=_int64, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+        if b"\\u" in raw:  # only an escape can produce a lone surrogate; strict UTF-8 encoding rejects one
+            json.dumps(value, ensure_ascii=False).encode()
+    except RecursionError:
+        raise ProtocolError(f"{what} is nested too deeply") from None
+    except ProtocolError:
+        raise
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError/EncodeError
+        raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} must be a JSON object")
+    return value
+
+
+def _int64(text: str) -> int:
+    if len(text) > 20:  # -9223372036854775808 .. 18446744073709551615 need at most 20 characters
+        raise ProtocolError("integer out of range (64 bits at most)")
+    value = int(text)
+    if not -(1 << 63) <= value < 1 << 64:
+        raise ProtocolError("integer out of range (64 bits at most)")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ProtocolError(f"{name} is not a number JSON allows")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise ProtocolError("duplicate key in a JSON object")
+    return value
 
 
 def _buffer(frame: Any) -> Any:
@@ -167,16 +207,19 @@ def layout_to_meta(layout: KVLayout) -> dict[str, Any]:
 
 
 def layout_from_meta(spec: dict[str, Any]) -> KVLayout:
+    """The layout a peer describes, within sizes a real model has (so no size computed from it overflows)."""
+    dims = {name: get_field(spec, name, int) for name in ("num_layers", "num_kv_heads", "head_dim")}
+    if not all(0 < d <= MAX_LAYOUT_DIM for d in dims.values()):
+        raise ProtocolError(f"bad layout: layers, KV heads and head size must be 1 to {MAX_LAYOUT_DIM}")
     try:
-        return KVLayout(
-            num_layers=get_field(spec, "num_layers", int),
-            num_kv_heads=get_field(spec, "num_kv_heads", int),
-            head_dim=get_field(spec, "head_dim", int),
-            dtype=get_field(spec, "dtype", str, "float16"),
-            kv_size=get_field(spec, "kv_size", int, 2),
+        layout = KVLayout(
+            **dims, dtype=get_field(spec, "dtype", str, "float16"), kv_size=get_field(spec, "kv_size", int, 2)
         )
     except ValueError as exc:
         raise ProtocolError(f"bad layout: {exc}") from None
+    if layout.bytes_per_token > MAX_BYTES_PER_TOKEN:
+        raise ProtocolError(f"bad layout: {layout.bytes_per_token} bytes per token (at most {MAX_BYTES_PER_TOKEN})")
+    return layout
 
 
 def namespace_meta(model: str, layout: KVLayout, world_size: int, rank: int, chunk_size: int | None) -> dict[str, Any]:

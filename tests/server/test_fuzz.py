@@ -8,12 +8,13 @@ import random
 import zlib
 
 import numpy as np
+import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import CHUNK, LAYOUT
-from kvtier.protocol import FRAME_HEADER_SIZE, Message, Op, encode, layout_to_meta
+from kvtier.protocol import FRAME_HEADER_SIZE, Message, Op, Status, decode, encode, layout_to_meta
 
 NAMESPACE = {"model": "test-model", "layout": layout_to_meta(LAYOUT), "chunk_size": CHUNK}
 
@@ -150,3 +151,23 @@ def test_arbitrary_frames_never_kill_the_server(inproc_server, frames) -> None:
     sock.close()
     with inproc_server.client() as client:
         assert client.ping()["chunk_size"] == CHUNK
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [b"[" * 32_000 + b"]" * 32_000, b'{"lease":' + b"9" * 5000 + b"}", b'{"model":"\\udc00"}'],
+    ids=["deep nesting", "huge integer", "lone surrogate"],
+)
+def test_one_hostile_message_is_answered_and_the_server_lives(inproc_server, meta: bytes) -> None:
+    """Valid checksums, hostile JSON: once enough to make the loop thread exit. Now a BAD_REQUEST reply."""
+    frames = reframe([bytes(f) for f in encode(Message(Op.LOOKUP, 41, dict(NAMESPACE), [b""]))], meta)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{inproc_server.port}")
+    sock.send_multipart(frames)
+    assert sock.poll(5000), "no reply"
+    reply = decode(sock.recv_multipart())
+    sock.close()
+    assert reply.status == Status.BAD_REQUEST
+    assert inproc_server.thread.is_alive()
+    check_good_client(inproc_server, 5)

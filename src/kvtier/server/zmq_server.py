@@ -67,13 +67,19 @@ class DataPlane:
         poller.register(self._wake_recv, zmq.POLLIN)
         log.info("kvtier data plane listening on %s", self.endpoint)
         while not self._stopping.is_set():
-            events = dict(poller.poll(200))
-            self.service.shm_leases.expire()  # leases of clients that went away, even when nobody calls
-            if self._wake_recv in events:
-                self._send_replies()
-            if self.socket in events:
-                self._receive_burst()
+            try:
+                self._step(poller)
+            except Exception:  # a bug, not a client's doing: the loop must outlive it (and says so once per step)
+                log.exception("data plane: unexpected error; serving on")
         self._drain()
+
+    def _step(self, poller: zmq.Poller) -> None:
+        events = dict(poller.poll(200))
+        self.service.shm_leases.expire()  # leases of clients that went away, even when nobody calls
+        if self._wake_recv in events:
+            self._send_replies()
+        if self.socket in events:
+            self._receive_burst()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -112,8 +118,12 @@ class DataPlane:
         self._workers.submit(self._work, identity, request, received, size)
 
     def _work(self, identity: bytes, request: Message, received: float, size: int) -> None:
-        reply = self.service.handle(request, received)
-        self._replies.put((identity, reply, size))
+        try:
+            reply = self.service.handle(request, received)
+        except Exception as exc:  # handle() never raises; if it ever does, the request is still answered
+            log.exception("internal error serving a request")
+            reply = error_reply(request, Status.INTERNAL, f"internal error: {type(exc).__name__}")
+        self._replies.put((identity, reply, size))  # always: it is what releases the request's in-flight slot
         with self._wake_lock:  # one PUSH socket shared by the workers: serialise its use
             self._wake_send.send(b"", zmq.NOBLOCK)
 
