@@ -14,10 +14,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import zmq
+
 from kvtier.config import load_config
+from kvtier.protocol import Message, Status, decode, encode
 from kvtier.server.main import Server
 
 CHUNK = 16
@@ -124,3 +128,42 @@ class ThreadServer:
     def stop(self) -> None:
         self.server.stop()
         self.thread.join(30)
+
+
+Answer = Callable[[Message], list[list[bytes]]]
+
+
+class HostileServer:
+    """A ROUTER socket on a free port that answers each request with the frames the test scripts for it (one
+    ``Answer`` per request, in order): a server that does not follow the protocol (a version skew, a bug or an
+    attacker), played by the test against the real clients."""
+
+    def __init__(self, answers: list[Answer]) -> None:
+        self.port = free_port()
+        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(f"tcp://127.0.0.1:{self.port}")
+        self.answers = answers
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        for answer in self.answers:
+            if not self.socket.poll(10_000):
+                return
+            identity, *frames = self.socket.recv_multipart()
+            request = decode(frames)
+            for reply in answer(request):
+                self.socket.send_multipart([identity, *reply])
+
+    def close(self) -> None:
+        self.thread.join(15)
+        self.socket.close()
+
+
+def scripted_reply(
+    request: Message, status: Status = Status.OK, meta: dict[str, Any] | None = None, request_id: int | None = None
+) -> list[bytes]:
+    """A well-formed reply to ``request`` (or, with ``request_id``, addressed to another request)."""
+    rid = request.request_id if request_id is None else request_id
+    return [bytes(f) for f in encode(Message(request.op, rid, meta or {}, [], status))]

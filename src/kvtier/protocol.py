@@ -68,11 +68,15 @@ class Status(IntEnum):
 
 
 class ProtocolError(ValueError):
-    """A message that does not follow the protocol; ``status`` is what the peer is told."""
+    """A message that does not follow the protocol; ``status`` is what the peer is told. ``op`` and
+    ``request_id`` are the message's when its header was intact (0 when it was not), so the reply reaches the
+    request that caused it."""
 
-    def __init__(self, message: str, status: Status = Status.BAD_REQUEST) -> None:
+    def __init__(self, message: str, status: Status = Status.BAD_REQUEST, op: int = 0, request_id: int = 0) -> None:
         super().__init__(message)
         self.status = status
+        self.op = op
+        self.request_id = request_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,21 +119,26 @@ def decode(frames: list[Any]) -> Message:
     if zlib.crc32(head[:-4]) != int.from_bytes(head[-4:], "little"):
         raise ProtocolError("header checksum mismatch")
     _, version, op, status, request_id, timeout_ms, count, meta_crc = HEADER.unpack_from(head)
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {version} not supported (server speaks {PROTOCOL_VERSION})", Status.UNSUPPORTED_VERSION
-        )
-    if count != len(frames) - 2:
-        raise ProtocolError(f"header announces {count} payload frames, message has {len(frames) - 2}")
-    if len(meta_raw) > MAX_META_BYTES:
-        raise ProtocolError(f"meta frame exceeds {MAX_META_BYTES} bytes", Status.TOO_LARGE)
-    if zlib.crc32(meta_raw) != meta_crc:
-        raise ProtocolError("meta checksum mismatch")
-    meta = parse_json_object(meta_raw, "meta") if meta_raw else {}
     try:
-        status = Status(status)
-    except ValueError:
-        raise ProtocolError(f"unknown status {status}") from None
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"protocol version {version} not supported (this side speaks {PROTOCOL_VERSION})",
+                Status.UNSUPPORTED_VERSION,
+            )
+        if count != len(frames) - 2:
+            raise ProtocolError(f"header announces {count} payload frames, message has {len(frames) - 2}")
+        if len(meta_raw) > MAX_META_BYTES:
+            raise ProtocolError(f"meta frame exceeds {MAX_META_BYTES} bytes", Status.TOO_LARGE)
+        if zlib.crc32(meta_raw) != meta_crc:
+            raise ProtocolError("meta checksum mismatch")
+        meta = parse_json_object(meta_raw, "meta") if meta_raw else {}
+        try:
+            status = Status(status)
+        except ValueError:
+            raise ProtocolError(f"unknown status {status}") from None
+    except ProtocolError as exc:  # the header is intact: the error can be addressed to this request
+        exc.op, exc.request_id = op, request_id
+        raise
     return Message(op, request_id, meta, [memoryview(_buffer(f)) for f in frames[2:]], status, timeout_ms)
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import CHUNK, LAYOUT, free_port
-from kvtier.client import AsyncKVTierClient, ServerUnavailable
+from kvtier.client import AsyncKVTierClient, ServerError, ServerUnavailable
+from kvtier.protocol import Status
 
 
 def client_for(port: int, **kw) -> AsyncKVTierClient:  # type: ignore[no-untyped-def]
@@ -42,3 +43,20 @@ def test_unreachable_server_raises_after_retries() -> None:
     started = time.monotonic()
     asyncio.run(scenario())
     assert time.monotonic() - started < 3.0
+
+
+def test_a_request_the_server_cannot_parse_gets_its_reason_not_a_timeout(server_process, monkeypatch) -> None:
+    """A server that cannot parse a message (here: another protocol version) answers with the reason; the
+    async client hands it to the waiting call at once instead of timing out and retrying."""
+    server = server_process()
+    monkeypatch.setattr("kvtier.protocol.PROTOCOL_VERSION", 99)  # this process now speaks version 99
+
+    async def scenario() -> None:
+        async with client_for(server.port, timeout=5.0, retries=2) as client:
+            with pytest.raises(ServerError) as info:
+                await client.ping()
+            assert info.value.status == Status.UNSUPPORTED_VERSION and "version 1 not supported" in str(info.value)
+
+    started = time.monotonic()
+    asyncio.run(scenario())
+    assert time.monotonic() - started < 2.0

@@ -168,6 +168,6 @@ def test_one_hostile_message_is_answered_and_the_server_lives(inproc_server, met
     assert sock.poll(5000), "no reply"
     reply = decode(sock.recv_multipart())
     sock.close()
-    assert reply.status == Status.BAD_REQUEST
+    assert reply.status == Status.BAD_REQUEST and reply.request_id == 41
     assert inproc_server.thread.is_alive()
     check_good_client(inproc_server, 5)

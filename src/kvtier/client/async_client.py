@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from typing import Any
 
 import numpy as np
@@ -18,8 +19,10 @@ import zmq.asyncio
 from kvtier.client.client import RemoteLookup, RemoteRetrieve, RemoteStore, ServerError, ServerUnavailable
 from kvtier.errors import LayoutError
 from kvtier.memory.layout import KVLayout
-from kvtier.protocol import Message, Op, Status, decode, encode, namespace_meta
+from kvtier.protocol import Message, Op, ProtocolError, Status, decode, encode, namespace_meta
 from kvtier.tokens.hashing import token_bytes
+
+log = logging.getLogger("kvtier.client")
 
 
 class AsyncKVTierClient:
@@ -117,12 +120,31 @@ class AsyncKVTierClient:
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             try:
-                reply = decode(await sock.recv_multipart(copy=False))
+                frames = await sock.recv_multipart(copy=False)
             except zmq.ZMQError:
                 return  # socket closed
-            waiter = self._waiting.get(reply.request_id)
+            try:
+                reply = decode(frames)
+            except ProtocolError as exc:  # from another protocol version, a bug or a hostile server
+                waiter = self._waiting.get(exc.request_id) if exc.request_id else None
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(ServerError(exc.status, f"undecodable reply: {exc}"))
+                else:  # garbage that answers no call: dropped, and the reader goes on
+                    log.warning("dropped an undecodable reply from %s: %s", self.url, exc)
+                continue
+            waiter = self._waiter_for(reply)
             if waiter is not None and not waiter.done():
                 waiter.set_result(reply)
+
+    def _waiter_for(self, reply: Message) -> asyncio.Future[Message] | None:
+        """The call a reply answers. Id 0 is the server saying it could not parse a message whose header it
+        could not read either: it can only be attributed when one call is waiting (else they time out)."""
+        if reply.request_id == 0:
+            if len(self._waiting) == 1:
+                return next(iter(self._waiting.values()))
+            log.warning("server could not parse a request (%s)", reply.meta.get("error", ""))
+            return None
+        return self._waiting.get(reply.request_id)
 
     def _reset(self) -> None:
         if self._reader is not None:

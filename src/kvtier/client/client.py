@@ -23,7 +23,7 @@ import zmq
 
 from kvtier.errors import KVTierError, LayoutError
 from kvtier.memory.layout import KVLayout
-from kvtier.protocol import Message, Op, Status, decode, encode, namespace_meta
+from kvtier.protocol import Message, Op, ProtocolError, Status, decode, encode, namespace_meta
 from kvtier.tokens.hashing import token_bytes
 
 
@@ -148,7 +148,13 @@ class Connection:
         while (remaining := deadline - time.monotonic()) > 0:
             if not sock.poll(int(remaining * 1000) + 1):
                 break
-            reply = decode(sock.recv_multipart(copy=False))
+            frames = sock.recv_multipart(copy=False)
+            try:
+                reply = decode(frames)
+            except ProtocolError as exc:  # another protocol version, a bug or a hostile server
+                if exc.request_id == message.request_id:
+                    raise ServerError(exc.status, f"undecodable reply: {exc}") from None
+                continue  # garbage that answers nothing: keep waiting for the reply
             if reply.request_id in (message.request_id, 0):
                 return reply  # id 0: the server could not parse our message; it says why
         self._reset()

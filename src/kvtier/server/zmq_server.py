@@ -165,5 +165,6 @@ class DataPlane:
 
 
 def _undecodable_reply(exc: ProtocolError) -> Message:
-    """A reply to a message we could not parse: op 0 and request id 0, with the reason."""
-    return Message(0, 0, {"error": str(exc)}, [], exc.status)
+    """A reply to a message we could not parse, with the reason: to its op and request id when its header was
+    intact (the client's waiting call gets it), else op 0 and request id 0."""
+    return Message(exc.op, exc.request_id, {"error": str(exc)}, [], exc.status)
