@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import textwrap
 
 import pytest
@@ -191,10 +192,20 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "missing.yaml", env={})
 
 
-def test_unknown_kvtier_env_variable():
-    """An unknown KVTIER_ variable is an error naming it."""
-    with pytest.raises(ConfigError, match="KVTIER_FOO"):
-        load_config(env={"KVTIER_FOO": "1"})
+@pytest.mark.parametrize("variable", ["KVTIER_VENV", "KVTIER_MODELS_DIR", "KVTIER_FOO"])
+def test_kvtier_variables_that_are_not_keys_are_ignored(variable, caplog):
+    """The project's own scripts read KVTIER_VENV and KVTIER_MODELS_DIR: they are not configuration, and must
+    not stop `kvtier server` or `kvtier config` (they used to: "unknown environment variable")."""
+    with caplog.at_level(logging.WARNING, logger="kvtier"):
+        assert load_config(env={variable: "/somewhere"}).chunk_size == 256
+    assert not caplog.records
+
+
+def test_a_typo_of_a_key_in_the_environment_warns_naming_the_key(caplog):
+    with caplog.at_level(logging.WARNING, logger="kvtier"):
+        config = load_config(env={"KVTIER_CHUNCK_SIZE": "16"})
+    assert config.chunk_size == 256  # ignored, as every variable that is not a key
+    assert "KVTIER_CHUNCK_SIZE" in caplog.text and "KVTIER_CHUNK_SIZE" in caplog.text
 
 
 def test_unknown_lmcache_env_variable_ignored():

@@ -3,7 +3,9 @@
 Keys and environment names follow LMCache where they mean the same thing (``chunk_size``, ``local_cpu``,
 ``max_local_cpu_size``, ``local_disk``, ``max_local_disk_size``, ``remote_url``, ``cache_policy``, ...;
 ``LMCACHE_CONFIG_FILE``, ``LMCACHE_CHUNK_SIZE``), so an LMCache config file works unchanged. ``KVTIER_*``
-variables win over ``LMCACHE_*`` ones. Unknown keys and bad values raise :class:`ConfigError` naming the key.
+variables win over ``LMCACHE_*`` ones. Unknown keys in files and flags, and bad values anywhere, raise
+:class:`ConfigError` naming the key; environment variables that name no key are not configuration (scripts set
+``KVTIER_VENV``, LMCache users ``LMCACHE_LOG_LEVEL``) and are ignored, with a warning for a near miss of a key.
 Sizes are in GiB (2**30 bytes), as LMCache's are.
 """
 
@@ -11,8 +13,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 import itertools
+import logging
 import math
 import os
 import textwrap
@@ -28,6 +32,7 @@ import yaml
 from kvtier.errors import ConfigError
 from kvtier.storage.eviction import EVICTION_POLICIES, make_policy
 
+log = logging.getLogger("kvtier.config")
 GiB = 2**30
 CONFIG_FILE_VARIABLES = ("KVTIER_CONFIG_FILE", "LMCACHE_CONFIG_FILE")
 ENV_PREFIXES = ("KVTIER_", "LMCACHE_")  # later wins over earlier: KVTIER_ is applied last
@@ -300,10 +305,19 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
                 values[key] = _coerce(key, raw, source=name)
             elif key in LMCACHE_INERT_OPTIONS:
                 _check_key(key, name, raw)
-            elif prefix == "KVTIER_":
-                # LMCACHE_* holds many non-config variables (telemetry, logging); ours must be exact.
-                raise ConfigError(f"unknown environment variable {name}: no configuration key {key!r}")
+            else:  # not configuration (KVTIER_VENV, LMCACHE_LOG_LEVEL...); a near miss of a key is a likely typo
+                _warn_if_typo(prefix, name, key)
     return values
+
+
+def _warn_if_typo(prefix: str, name: str, key: str) -> None:
+    close = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.85)
+    if close:
+        log.warning(
+            "environment variable %s is not a kvtier setting (ignored); did you mean %s?",
+            name,
+            prefix + close[0].upper(),
+        )
 
 
 def _check_key(key: Any, source: str, value: Any) -> bool:
