@@ -220,12 +220,17 @@ class KVTierConfig:
             raise ConfigError(f"{name} must be >= 1, got {value!r}")
 
     def auth_token(self) -> str | None:
-        """The server's shared secret, from ``server_auth_token`` or ``server_auth_token_file``."""
+        """The server's shared secret, from ``server_auth_token`` or ``server_auth_token_file`` (read now: call
+        it once, at start, and keep the value). A token file that is missing or empty is an error, never "no
+        auth": a file emptied by mistake must not open the server."""
         if self.server_auth_token_file:
             try:
-                return Path(self.server_auth_token_file).read_text().strip() or None
+                token = Path(self.server_auth_token_file).read_text().strip()
             except OSError as exc:
                 raise ConfigError(f"server_auth_token_file: cannot read it: {exc}") from None
+            if not token:
+                raise ConfigError(f"server_auth_token_file {self.server_auth_token_file} is empty")
+            return token
         return self.server_auth_token or None
 
     @property

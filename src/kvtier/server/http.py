@@ -8,7 +8,6 @@ Reading: ``GET /healthcheck`` (200 healthy / 503 not ready), ``/status`` (JSON),
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import threading
@@ -221,11 +220,7 @@ class _Handler(BaseHTTPRequestHandler):
         return {"quotas": self.service.quotas()}
 
     def _authorized(self) -> bool:
-        secret = self.service.config.auth_token()
-        if secret is None:
-            return True
-        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        return hmac.compare_digest(given.encode(), secret.encode())
+        return self.service.authorized(self.headers.get("Authorization", "").removeprefix("Bearer ").strip())
 
     def _public_config(self) -> dict[str, Any]:
         config = self.service.config.to_dict()

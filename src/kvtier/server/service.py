@@ -52,7 +52,7 @@ class CacheService:
         self.storage = build_storage(config, self.metrics, shared_memory=self.shm_path)
         self.shm_leases = LeaseTable(config.server_lease_sec)
         self.started = time.time()
-        self._auth = config.auth_token()
+        self.auth_token = config.auth_token()  # read once: both planes check this value, whatever the file does
         self._engines: dict[NamespaceKey, CacheEngine] = {}
         self._lock = threading.Lock()
         self._admin_pins: dict[int, list[tuple[Any, list[CacheKey]]]] = {}
@@ -104,11 +104,14 @@ class CacheService:
         return reply
 
     def _check_auth(self, request: Message) -> None:
-        if self._auth is None:
-            return
-        token = request.meta.get("auth")
-        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._auth.encode()):
+        if not self.authorized(request.meta.get("auth")):
             raise ProtocolError("missing or wrong auth token", Status.UNAUTHORIZED)
+
+    def authorized(self, token: object) -> bool:
+        """Whether ``token`` (from a request: anything) is the server's secret; always, when it has none."""
+        if self.auth_token is None:
+            return True
+        return isinstance(token, str) and hmac.compare_digest(token.encode(), self.auth_token.encode())
 
     # -- namespaces ---------------------------------------------------------------------------------
     def engine_for(self, meta: dict[str, Any]) -> CacheEngine:
