@@ -49,7 +49,7 @@ def test_counter_rejects_decrease_and_bad_labels():
 
 
 def test_gauge_reads_sources_at_render():
-    """A gauge's value comes from its callbacks each time it is collected; later sources win on clashes."""
+    """A gauge's value comes from its callbacks each time it is collected."""
     r = Registry()
     g = r.register(Gauge("demo_used_bytes", "Used.", ("tier",)))
     state = {"memory": 10}
@@ -177,3 +177,35 @@ def test_cache_metrics_render_parses():
         "kvtier_active_leases",
     ):
         assert name in families
+
+
+def test_gauge_sources_with_the_same_labels_add_up():
+    """Several engines report one gauge (a server's per-model engines each count their leases): the value is
+    their sum, not the last source's."""
+    g = Gauge("kvtier_active_leases", "Leases.")
+    g.add_source(lambda: {(): 2})
+    third = g.add_source(lambda: {(): 3})
+    assert g.values() == {(): 5}
+    g.remove_source(third)
+    assert g.values() == {(): 2}
+
+
+def test_active_leases_count_every_model_of_a_server(tmp_path):
+    import numpy as np
+
+    from kvtier import KVLayout
+    from kvtier.client import KVTierClient
+    from servers import CHUNK, ThreadServer
+
+    layout = KVLayout(2, 2, 16)
+    server = ThreadServer(tmp_path / "disk")
+    try:
+        for model in ("model-a", "model-b"):
+            with KVTierClient(server.url, model=model, layout=layout, chunk_size=CHUNK) as client:
+                client.store(list(range(32)), np.zeros(layout.chunk_shape(32), np.float16))
+                assert client.lookup(list(range(32)), pin=True).lease is not None
+        metrics = server.server.service.metrics
+        assert metrics.active_leases.values() == {(): 2}
+        assert "kvtier_active_leases 2" in metrics.render()
+    finally:
+        server.stop()

@@ -69,22 +69,36 @@ class Counter(_Metric):
         return [f"{self.name}{self._fmt_labels(k)} {_num(v)}" for k, v in items]
 
 
+GaugeSource = Callable[[], dict[LabelValues, float]]
+
+
 class Gauge(_Metric):
-    """A gauge whose values are read from a callback when collected (capacity, usage, queue depth)."""
+    """A gauge whose values are read from callbacks when collected (capacity, usage, queue depth). Sources
+    reporting the same labels add up: several engines of one server each count their own leases."""
 
     kind = "gauge"
 
     def __init__(self, name: str, help_text: str, labels: Iterable[str] = ()) -> None:
         super().__init__(name, help_text, labels)
-        self._sources: list[Callable[[], dict[LabelValues, float]]] = []
+        self._sources: list[GaugeSource] = []
 
-    def add_source(self, source: Callable[[], dict[LabelValues, float]]) -> None:
-        self._sources.append(source)
+    def add_source(self, source: GaugeSource) -> GaugeSource:
+        """Add ``source``; return it, for :meth:`remove_source` when its owner closes."""
+        with self._lock:
+            self._sources.append(source)
+        return source
+
+    def remove_source(self, source: GaugeSource) -> None:
+        with self._lock:
+            self._sources.remove(source)
 
     def values(self) -> dict[LabelValues, float]:
+        with self._lock:
+            sources = list(self._sources)
         merged: dict[LabelValues, float] = {}
-        for source in self._sources:
-            merged.update(source())
+        for source in sources:
+            for labels, value in source().items():
+                merged[labels] = merged.get(labels, 0.0) + value
         return merged
 
     def samples(self) -> list[str]:

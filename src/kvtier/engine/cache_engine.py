@@ -86,7 +86,7 @@ class CacheEngine:
         self._owns_storage = storage is None
         self.storage = build_storage(config, self.metrics) if storage is None else storage
         self.leases = LeaseTable(config.pin_timeout_sec, self.storage.unpin)
-        self.metrics.active_leases.add_source(lambda: {(): len(self.leases)})
+        self._lease_gauge = self.metrics.active_leases.add_source(lambda: {(): len(self.leases)})
         self._closed = False
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kvtier-prefetch")
         self._copiers = (
@@ -387,6 +387,7 @@ class CacheEngine:
         if self._copiers is not None:
             self._copiers.shutdown(wait=True)
         self.leases.release_all()
+        self.metrics.active_leases.remove_source(self._lease_gauge)
         if self._owns_storage:
             self.storage.close()
 
