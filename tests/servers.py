@@ -143,20 +143,21 @@ class HostileServer:
         self.socket = zmq.Context.instance().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(f"tcp://127.0.0.1:{self.port}")
-        self.answers = answers
+        self.answers = list(answers)
+        self._stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
-        for answer in self.answers:
-            if not self.socket.poll(10_000):
-                return
+        while self.answers and not self._stop.is_set():
+            if not self.socket.poll(50):
+                continue
             identity, *frames = self.socket.recv_multipart()
-            request = decode(frames)
-            for reply in answer(request):
+            for reply in self.answers.pop(0)(decode(frames)):
                 self.socket.send_multipart([identity, *reply])
 
     def close(self) -> None:
+        self._stop.set()
         self.thread.join(15)
         self.socket.close()
 

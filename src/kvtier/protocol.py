@@ -16,7 +16,10 @@ No pickle, nothing executable: a peer can only send numbers, strings and bytes, 
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -237,3 +240,22 @@ def namespace_meta(model: str, layout: KVLayout, world_size: int, rank: int, chu
     if chunk_size is not None:
         meta["chunk_size"] = chunk_size
     return meta
+
+
+# -- the shared-memory pool's file (same-host clients map it; see docs/protocol.md) -------------------------
+POOL_NAME = re.compile(r"kvtier-(\d+)-([0-9a-f]{32})")  # kvtier-<server pid>-<server id>
+
+
+def shared_memory_dir() -> str:
+    """Where servers put their pool files: /dev/shm, or the temp dir where there is none."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def pool_path(pid: int, server_id: str) -> str:
+    return os.path.join(shared_memory_dir(), f"kvtier-{pid}-{server_id}")
+
+
+def is_pool_path(path: str) -> bool:
+    """Whether ``path`` names a server's pool file: a client maps (and writes into) no other file a server
+    names, so a hostile server cannot make it overwrite, say, the user's ~/.bashrc."""
+    return os.path.dirname(path) == shared_memory_dir() and POOL_NAME.fullmatch(os.path.basename(path)) is not None

@@ -392,8 +392,8 @@ def test_pools_left_by_dead_servers_are_removed(tmp_path) -> None:
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f"kvtier-{dead.pid}-abc"
-    alive = tmp_path / f"kvtier-{__import__('os').getpid()}-def"
+    stale = tmp_path / f"kvtier-{dead.pid}-{'a' * 32}"
+    alive = tmp_path / f"kvtier-{__import__('os').getpid()}-{'d' * 32}"
     other = tmp_path / "kvtier-notapid-x"
     for path in (stale, alive, other):
         path.write_bytes(b"x")

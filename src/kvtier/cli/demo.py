@@ -14,7 +14,6 @@ import logging
 from kvtier.config import KVTierConfig
 from kvtier.engine.results import describe_tiers
 from kvtier.errors import KVTierError
-from kvtier.protocol import Op
 
 # A made-up operations manual: long, varied, and with facts to ask about.
 CITIES = ["Lisbon", "Osaka", "Nairobi", "Quito", "Tallinn", "Perth", "Dakar", "Montreal", "Hanoi", "Bergen"]
@@ -73,7 +72,7 @@ def _with_server_chunk_size(config: KVTierConfig) -> KVTierConfig:
         config.server_url, timeout=config.server_timeout_sec, retries=1, auth_token=config.auth_token()
     )
     try:
-        chunk_size = int(connection.call(Op.PING, {}).meta["chunk_size"])
+        chunk_size = int(connection.ping()["chunk_size"])
     except KVTierError as exc:
         print(f"kvtier demo: the server at {config.server_url} does not answer ({exc}); every request will miss")
         return config

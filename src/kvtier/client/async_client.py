@@ -10,18 +10,27 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import zmq
 import zmq.asyncio
 
-from kvtier.client.client import RemoteLookup, RemoteRetrieve, RemoteStore, ServerError, ServerUnavailable
-from kvtier.errors import LayoutError
+from kvtier.client.calls import (
+    Call,
+    Calls,
+    LookupReply,
+    RetrieveReply,
+    ServerError,
+    StoreReply,
+    final_reply,
+    needs_retry,
+    retry_delay,
+)
 from kvtier.memory.layout import KVLayout
-from kvtier.protocol import Message, Op, ProtocolError, Status, decode, encode, namespace_meta
-from kvtier.tokens.hashing import token_bytes
+from kvtier.protocol import Message, ProtocolError, decode, encode
 
+T = TypeVar("T")
 log = logging.getLogger("kvtier.client")
 
 
@@ -45,9 +54,8 @@ class AsyncKVTierClient:
         self.layout = layout
         self.timeout = timeout
         self.retries = retries
-        self._namespace = namespace_meta(model, layout, world_size, rank, chunk_size)
-        if auth_token:
-            self._namespace["auth"] = auth_token
+        self.calls = Calls(model, layout, world_size, rank, chunk_size)
+        self._auth = {"auth": auth_token} if auth_token else {}
         self._context = zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -55,45 +63,29 @@ class AsyncKVTierClient:
         self._ids = itertools.count(1)
 
     async def ping(self) -> dict[str, Any]:
-        return (await self._call(Op.PING, {})).meta
+        return await self._call(self.calls.ping())
 
-    async def lookup(self, tokens: Any, *, cache_salt: str = "", pin: bool = False) -> RemoteLookup:
-        meta = (await self._call(Op.LOOKUP, {"cache_salt": cache_salt, "pin": pin}, [token_bytes(tokens)])).meta
-        return RemoteLookup(meta["hit_tokens"], meta["tiers"], meta["lease"])
+    async def lookup(self, tokens: Any, *, cache_salt: str = "", pin: bool = False) -> LookupReply:
+        return await self._call(self.calls.lookup(tokens, cache_salt, pin))
 
-    async def store(self, tokens: Any, kv: np.ndarray, *, skip_tokens: int = 0, cache_salt: str = "") -> RemoteStore:
-        encoded = token_bytes(tokens)
-        if self.layout.check_shape(kv.shape) != len(encoded) // 4:
-            raise LayoutError("kv and tokens hold different numbers of tokens")
-        data = memoryview(np.ascontiguousarray(kv).reshape(-1).view(np.uint8))
-        args = {"cache_salt": cache_salt, "skip_tokens": skip_tokens}
-        meta = (await self._call(Op.STORE, args, [encoded, data])).meta
-        return RemoteStore(meta["stored_tokens"], meta["skipped_tokens"], meta["dropped_tokens"])
+    async def store(self, tokens: Any, kv: np.ndarray, *, skip_tokens: int = 0, cache_salt: str = "") -> StoreReply:
+        return await self._call(self.calls.store(tokens, kv, skip_tokens, cache_salt))
 
-    async def retrieve(self, tokens: Any, *, skip_tokens: int = 0, cache_salt: str = "") -> RemoteRetrieve:
-        args = {"cache_salt": cache_salt, "skip_tokens": skip_tokens}
-        reply = await self._call(Op.RETRIEVE, args, [token_bytes(tokens)])
-        frame = reply.payload[0] if reply.payload else memoryview(b"")
-        end = len(frame) // self.layout.bytes_per_token
-        kv = np.frombuffer(frame, dtype=self.layout.element.numpy_name).reshape(self.layout.chunk_shape(end))
-        return RemoteRetrieve(reply.meta["hit_tokens"], reply.meta["loaded_tokens"], reply.meta["tiers"], kv)
+    async def retrieve(self, tokens: Any, *, skip_tokens: int = 0, cache_salt: str = "") -> RetrieveReply:
+        return await self._call(self.calls.retrieve(tokens, skip_tokens, cache_salt, None))
 
     async def prefetch(self, tokens: Any, *, cache_salt: str = "") -> None:
-        await self._call(Op.PREFETCH, {"cache_salt": cache_salt}, [token_bytes(tokens)])
+        await self._call(self.calls.prefetch(tokens, cache_salt))
 
     # -- transport ----------------------------------------------------------------------------------
-    async def _call(self, op: Op, meta: dict[str, Any], payload: list[Any] | None = None) -> Message:
-        request_meta = {**self._namespace, **meta}
+    async def _call(self, call: Call[T]) -> T:
+        reply = None
         for attempt in range(self.retries + 1):
-            reply = await self._exchange(
-                Message(op, next(self._ids), request_meta, payload or [], timeout_ms=int(self.timeout * 1000))
-            )
-            if reply is not None and reply.status != Status.BUSY:
-                if reply.status != Status.OK:
-                    raise ServerError(reply.status, str(reply.meta.get("error", "")))
-                return reply
-            await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
-        raise ServerUnavailable(f"no answer from {self.url} after {self.retries + 1} attempts")
+            reply = await self._exchange(call.message(next(self._ids), self.timeout, self._auth))
+            if not needs_retry(reply):
+                break
+            await asyncio.sleep(retry_delay(attempt))
+        return call.parse(final_reply(reply, self.url, self.retries + 1))
 
     async def _exchange(self, message: Message) -> Message | None:
         sock = self._connected()

@@ -12,31 +12,35 @@ import contextlib
 import itertools
 import mmap
 import os
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import zmq
 
-from kvtier.errors import KVTierError, LayoutError
+from kvtier.client import calls
+from kvtier.client.calls import (
+    BadReply,
+    Call,
+    Calls,
+    ChunkSpan,
+    LookupReply,
+    RetrieveReply,
+    ServerError,
+    StoreReply,
+    final_reply,
+    needs_retry,
+    retry_delay,
+)
+from kvtier.errors import KVTierError
 from kvtier.memory.layout import KVLayout
-from kvtier.protocol import Message, Op, ProtocolError, Status, decode, encode, namespace_meta
-from kvtier.tokens.hashing import token_bytes
+from kvtier.protocol import Message, ProtocolError, decode, encode
 
-
-class ServerUnavailable(KVTierError):
-    """No reply from the server after every retry."""
-
-
-class ServerError(KVTierError):
-    """The server answered with an error status."""
-
-    def __init__(self, status: Status, message: str) -> None:
-        super().__init__(f"{status.name}: {message}")
-        self.status = status
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,41 +53,32 @@ class SharedArena:
 
     @classmethod
     def open(cls, path: str) -> SharedArena:
-        fd = os.open(path, os.O_RDWR)
+        """Map ``path``, which the server named: only a regular file of this user's, not through a symlink
+        (:func:`~kvtier.protocol.is_pool_path` has checked its name), since KV is then written into it."""
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                raise OSError(f"{path} is not a regular file of this user")
             # MAP_POPULATE: build the page tables now, once, instead of one fault per page on first copies
             # (those ran at ~2 GB/s against ~10 GB/s once mapped).
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            mapping = mmap.mmap(fd, os.fstat(fd).st_size, flags=flags)
+            mapping = mmap.mmap(fd, info.st_size, flags=flags)
         finally:
             os.close(fd)
         return cls(path, np.frombuffer(mapping, dtype=np.uint8), mapping)
 
+    def view(self, layout: KVLayout, span: ChunkSpan) -> np.ndarray:
+        """The chunk at ``span.offset``, shaped for its tokens; BadReply if it does not lie inside the pool."""
+        nbytes = layout.chunk_bytes(span.end - span.start)
+        if span.offset + nbytes > len(self.array):
+            raise BadReply(f"chunk at offset {span.offset} ({nbytes} bytes) lies outside the shared-memory pool")
+        flat = self.array[span.offset : span.offset + nbytes]
+        return flat.view(layout.element.numpy_name).reshape(layout.chunk_shape(span.end - span.start))
+
     def close(self) -> None:
         with contextlib.suppress(BufferError):  # an array handed out may still view it
             self.mapping.close()
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteLookup:
-    hit_tokens: int
-    tiers: dict[str, int]
-    lease: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteStore:
-    stored_tokens: int
-    skipped_tokens: int
-    dropped_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteRetrieve:
-    hit_tokens: int
-    loaded_tokens: int
-    tiers: dict[str, int]
-    kv: np.ndarray
 
 
 class Connection:
@@ -108,36 +103,38 @@ class Connection:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
-    def call(self, op: Op, meta: dict[str, Any], payload: list[Any] | None = None) -> Message:
-        """The server's reply (status OK); ServerError for an error status, ServerUnavailable for silence."""
-        request_meta = {**meta, **self._auth}
+    def call(self, call: Call[T]) -> T:
+        """Send ``call`` (retrying as :func:`~kvtier.client.calls.needs_retry` says) and parse its reply:
+        ServerError for an error status, ServerUnavailable for silence, BadReply for a reply that breaks the
+        protocol."""
         reply = None
         with self._lock:
             for attempt in range(self.retries + 1):
-                message = Message(op, next(self._ids), request_meta, payload or [], timeout_ms=int(self.timeout * 1000))
-                reply = self._exchange(message)
-                if reply is not None and reply.status != Status.BUSY:
+                reply = self._exchange(call.message(next(self._ids), self.timeout, self._auth))
+                if not needs_retry(reply):
                     break
-                time.sleep(min(0.05 * 2**attempt, 1.0))
-        if reply is None:
-            raise ServerUnavailable(f"no answer from {self.url} after {self.retries + 1} attempts")
-        if reply.status != Status.OK:
-            raise ServerError(reply.status, str(reply.meta.get("error", "")))
-        return reply
+                time.sleep(retry_delay(attempt))
+        return call.parse(final_reply(reply, self.url, self.retries + 1))
 
     # -- key-level ops (a kvtier engine using the server as its remote tier) --------------------------
+    def ping(self) -> dict[str, Any]:
+        return self.call(calls.ping())
+
+    def clear(self) -> int:
+        return self.call(calls.clear())
+
     def exists_keys(self, keys: list[str]) -> list[bool]:
-        return [bool(x) for x in self.call(Op.EXISTS_KEYS, {"keys": keys}).meta["exists"]]
+        return self.call(calls.exists_keys(keys))
 
     def get_keys(self, keys: list[str]) -> list[memoryview | None]:
         """Each key's chunk in the stored chunk format, None for a miss."""
-        return [frame if len(frame) else None for frame in self.call(Op.GET_KEYS, {"keys": keys}).payload]
+        return self.call(calls.get_keys(keys))
 
     def put_keys(self, keys: list[str], values: list[Any]) -> int:
-        return int(self.call(Op.PUT_KEYS, {"keys": keys}, values).meta["stored"])
+        return self.call(calls.put_keys(keys, values))
 
     def delete_keys(self, keys: list[str]) -> int:
-        return int(self.call(Op.DELETE_KEYS, {"keys": keys}).meta["deleted"])
+        return self.call(calls.delete_keys(keys))
 
     # -- transport ----------------------------------------------------------------------------------
     def _exchange(self, message: Message) -> Message | None:
@@ -203,50 +200,48 @@ class KVTierClient:
     ) -> None:
         self.layout = layout
         self.connection = Connection(url, timeout=timeout, retries=retries, auth_token=auth_token, context=context)
-        self._namespace = namespace_meta(model, layout, world_size, rank, chunk_size)
+        self.calls = Calls(model, layout, world_size, rank, chunk_size)
         self.shared_memory = shared_memory
         self._arena: SharedArena | None = None
         self._copiers: ThreadPoolExecutor | None = None
 
     # -- ops ----------------------------------------------------------------------------------------
     def ping(self) -> dict[str, Any]:
-        return self._call(Op.PING, {}).meta
+        return self.connection.call(self.calls.ping())
 
-    def lookup(self, tokens: Any, *, cache_salt: str = "", pin: bool = False) -> RemoteLookup:
-        meta = self._call(Op.LOOKUP, {"cache_salt": cache_salt, "pin": pin}, [token_bytes(tokens)]).meta
-        return RemoteLookup(meta["hit_tokens"], meta["tiers"], meta["lease"])
+    def lookup(self, tokens: Any, *, cache_salt: str = "", pin: bool = False) -> LookupReply:
+        return self.connection.call(self.calls.lookup(tokens, cache_salt, pin))
 
-    def store(self, tokens: Any, kv: np.ndarray, *, skip_tokens: int = 0, cache_salt: str = "") -> RemoteStore:
+    def store(self, tokens: Any, kv: np.ndarray, *, skip_tokens: int = 0, cache_salt: str = "") -> StoreReply:
         """Store ``kv`` ``(layers, kv, tokens, heads, head_dim)`` for ``tokens``: through shared memory when
         available, else in one message (sent without a copy when ``kv`` is contiguous)."""
-        encoded = token_bytes(tokens)
-        n = self.layout.check_shape(kv.shape)
-        if n != len(encoded) // 4:
-            raise LayoutError(f"kv holds {n} tokens, {len(encoded) // 4} tokens given")
-        args = {"cache_salt": cache_salt, "skip_tokens": skip_tokens}
         if self._use_shared_memory():
-            meta = self._store_shared(encoded, kv, args)
-        else:
-            data = memoryview(np.ascontiguousarray(kv).reshape(-1).view(np.uint8))
-            meta = self._call(Op.STORE, args, [encoded, data]).meta
-        return RemoteStore(meta["stored_tokens"], meta["skipped_tokens"], meta["dropped_tokens"])
+            return self._store_shared(tokens, kv, skip_tokens, cache_salt)
+        return self.connection.call(self.calls.store(tokens, kv, skip_tokens, cache_salt))
 
     def retrieve(
         self, tokens: Any, *, out: np.ndarray | None = None, skip_tokens: int = 0, cache_salt: str = ""
-    ) -> RemoteRetrieve:
+    ) -> RetrieveReply:
         """The KV of the longest cached prefix, copied into ``out`` when given (else a new array, or a
         read-only view of the received message over TCP)."""
-        args = {"cache_salt": cache_salt, "skip_tokens": skip_tokens}
         if self._use_shared_memory():
-            return self._retrieve_shared(token_bytes(tokens), args, out)
-        reply = self._call(Op.RETRIEVE, args, [token_bytes(tokens)])
-        meta, frame = reply.meta, reply.payload[0] if reply.payload else memoryview(b"")
-        end = len(frame) // self.layout.bytes_per_token
-        kv = np.frombuffer(frame, dtype=self.layout.element.numpy_name).reshape(self.layout.chunk_shape(end))
-        if out is not None:  # the reply holds zeros before skip_tokens: keep what the caller has there
-            np.copyto(out[:, :, skip_tokens:end], kv[:, :, skip_tokens:end])
-            kv = out
-        return RemoteRetrieve(meta["hit_tokens"], meta["loaded_tokens"], meta["tiers"], kv)
+            return self._retrieve_shared(tokens, skip_tokens, cache_salt, out)
+        return self.connection.call(self.calls.retrieve(tokens, skip_tokens, cache_salt, out))
+
+    def prefetch(self, tokens: Any, *, cache_salt: str = "") -> None:
+        self.connection.call(self.calls.prefetch(tokens, cache_salt))
+
+    def delete(self, tokens: Any, *, cache_salt: str = "") -> int:
+        return self.connection.call(self.calls.delete(tokens, cache_salt))
+
+    def release(self, lease: int) -> bool:
+        return self.connection.call(self.calls.release(lease))
+
+    def clear(self) -> int:
+        return self.connection.call(self.calls.clear())
+
+    def stats(self) -> dict[str, Any]:
+        return self.connection.call(self.calls.stats())
 
     # -- shared memory ------------------------------------------------------------------------------
     def _use_shared_memory(self) -> bool:
@@ -254,9 +249,8 @@ class KVTierClient:
             return False
         if self._arena is None:
             try:
-                info = self._call(Op.SHM_INFO, {}).meta
-                self._arena = SharedArena.open(info["path"])
-            except (ServerError, OSError) as exc:
+                self._arena = SharedArena.open(self.connection.call(self.calls.shm_info()))
+            except (ServerError, BadReply, OSError) as exc:
                 if self.shared_memory:
                     raise KVTierError(f"shared memory requested but not usable: {exc}") from exc
                 self.shared_memory = False  # another host, or a server without it: stay on TCP
@@ -271,18 +265,11 @@ class KVTierClient:
             self._arena = SharedArena.open(path)
         return self._arena
 
-    def _chunk_view(self, arena: SharedArena, start: int, end: int, offset: int) -> np.ndarray:
-        nbytes = self.layout.chunk_bytes(end - start)
-        flat = arena.array[offset : offset + nbytes]
-        if len(flat) != nbytes:
-            raise ServerError(Status.INTERNAL, "chunk offset outside the shared-memory pool")
-        return flat.view(self.layout.element.numpy_name).reshape(self.layout.chunk_shape(end - start))
-
-    def _store_shared(self, encoded: bytes, kv: np.ndarray, args: dict[str, Any]) -> dict[str, Any]:
-        reserved = self._call(Op.STORE_RESERVE, args, [encoded]).meta
-        arena = self._arena_for(reserved["path"])
-        self._copy_chunks([(self._chunk_view(arena, s, e, o), kv[:, :, s:e]) for s, e, o in reserved["chunks"]])
-        return self._call(Op.STORE_COMMIT, {"lease": reserved["lease"]}).meta
+    def _store_shared(self, tokens: Any, kv: np.ndarray, skip_tokens: int, cache_salt: str) -> StoreReply:
+        reserved = self.connection.call(self.calls.store_reserve(tokens, kv, skip_tokens, cache_salt))
+        arena = self._arena_for(reserved.path)
+        self._copy_chunks([(arena.view(self.layout, c), kv[:, :, c.start : c.end]) for c in reserved.chunks])
+        return self.connection.call(self.calls.store_commit(reserved.lease, int(kv.shape[2])))
 
     def _copy_chunks(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
         """``np.copyto(dst, src)`` for each pair; large chunks on two threads (numpy releases the GIL, and one
@@ -295,36 +282,17 @@ class KVTierClient:
             for dst, src in pairs:
                 np.copyto(dst, src)
 
-    def _retrieve_shared(self, encoded: bytes, args: dict[str, Any], out: np.ndarray | None) -> RemoteRetrieve:
-        pinned = self._call(Op.RETRIEVE_PIN, args, [encoded]).meta
+    def _retrieve_shared(self, tokens: Any, skip_tokens: int, cache_salt: str, out: np.ndarray | None) -> RetrieveReply:
+        pinned = self.connection.call(self.calls.retrieve_pin(tokens, skip_tokens, cache_salt, out))
         try:
-            chunks = pinned["chunks"]
-            end = chunks[-1][1] if chunks else 0
+            end = pinned.chunks[-1].end if pinned.chunks else 0
             if out is None:
                 out = np.zeros(self.layout.chunk_shape(end), self.layout.element.numpy_name)
-            arena = self._arena_for(pinned["path"])
-            self._copy_chunks([(out[:, :, s:e], self._chunk_view(arena, s, e, o)) for s, e, o in chunks])
+            arena = self._arena_for(pinned.path)
+            self._copy_chunks([(out[:, :, c.start : c.end], arena.view(self.layout, c)) for c in pinned.chunks])
         finally:
-            self._call(Op.SHM_RELEASE, {"lease": pinned["lease"]})
-        return RemoteRetrieve(pinned["hit_tokens"], pinned["loaded_tokens"], pinned["tiers"], out)
-
-    def prefetch(self, tokens: Any, *, cache_salt: str = "") -> None:
-        self._call(Op.PREFETCH, {"cache_salt": cache_salt}, [token_bytes(tokens)])
-
-    def delete(self, tokens: Any, *, cache_salt: str = "") -> int:
-        return int(self._call(Op.DELETE, {"cache_salt": cache_salt}, [token_bytes(tokens)]).meta["deleted_chunks"])
-
-    def release(self, lease: int) -> bool:
-        return bool(self._call(Op.RELEASE, {"lease": lease}).meta["released"])
-
-    def clear(self) -> int:
-        return int(self._call(Op.CLEAR, {}).meta["cleared_chunks"])
-
-    def stats(self) -> dict[str, Any]:
-        return self._call(Op.STATS, {}).meta
-
-    def _call(self, op: Op, meta: dict[str, Any], payload: list[Any] | None = None) -> Message:
-        return self.connection.call(op, {**self._namespace, **meta}, payload)
+            self.connection.call(self.calls.shm_release(pinned.lease))
+        return RetrieveReply(pinned.hit_tokens, pinned.loaded_tokens, pinned.tiers, out)
 
     def close(self) -> None:
         self.connection.close()

@@ -15,32 +15,31 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvtier.engine.results import StoreResult
+from kvtier.protocol import POOL_NAME, pool_path, shared_memory_dir
 
 
 def shared_memory_path(server_id: str) -> str:
     """A fresh file name in /dev/shm (or the temp dir where there is none) for the server's pool. Files left by
     servers that died without cleaning up (SIGKILL, power loss) are removed first: they hold memory."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-    remove_stale_pools(base)
-    return os.path.join(base, f"kvtier-{os.getpid()}-{server_id}")
+    remove_stale_pools(shared_memory_dir())
+    return pool_path(os.getpid(), server_id)
 
 
 def remove_stale_pools(base: str) -> int:
-    """Delete ``kvtier-<pid>-*`` files in ``base`` whose process is gone; return how many."""
+    """Delete pool files (``kvtier-<pid>-<server id>``) in ``base`` whose process is gone; return how many."""
     removed = 0
     for name in os.listdir(base):
-        parts = name.split("-")
-        if len(parts) != 3 or parts[0] != "kvtier" or not parts[1].isdigit():
+        match = POOL_NAME.fullmatch(name)
+        if match is None:
             continue
         try:
-            os.kill(int(parts[1]), 0)
+            os.kill(int(match.group(1)), 0)
         except ProcessLookupError:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(base, name))

@@ -14,7 +14,7 @@ from kvtier.client.client import Connection
 from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
-from kvtier.protocol import MAX_KEYS, Op
+from kvtier.protocol import MAX_KEYS
 from kvtier.storage.remote import CircuitBreaker, RemoteStore, RemoteTier, Value
 
 
@@ -39,7 +39,7 @@ class KVTierServerStore(RemoteStore):
         return sum(self.connection.delete_keys([self._key(n) for n in batch]) for batch in _batches(names))
 
     def clear(self, prefix: str) -> int:
-        return int(self.connection.call(Op.CLEAR, {}).meta["cleared_chunks"])
+        return self.connection.clear()
 
     def close(self) -> None:
         self.connection.close()
