@@ -301,3 +301,9 @@ class ServerMetrics:
         self.sent_bytes = _c(r, "kvtier_server_sent_bytes_total", "Bytes sent on the data plane.")
         self.clients = _g(r, "kvtier_server_connected_clients", "Clients seen in the last 60 seconds.")
         self.inflight = _g(r, "kvtier_server_inflight_requests", "Requests being served now.")
+        self.shm_leases = _g(
+            r,
+            "kvtier_server_shm_leases",
+            "Shared-memory leases by state: active, or stalled (a reservation past its deadline whose writer runs).",
+            ("state",),
+        )

@@ -255,6 +255,15 @@ def pool_path(pid: int, server_id: str) -> str:
     return os.path.join(shared_memory_dir(), f"kvtier-{pid}-{server_id}")
 
 
+WRITER_NAME = re.compile(r"kvtier-client-(\d+)-([0-9a-f]{32})")  # kvtier-client-<client pid>-<random id>
+
+
+def writer_path(name: str) -> str | None:
+    """The path of the liveness file a client named in ``STORE_RESERVE`` (``session``), or None if the name is
+    not one: the server opens nothing else on a client's word."""
+    return os.path.join(shared_memory_dir(), name) if WRITER_NAME.fullmatch(name) else None
+
+
 def is_pool_path(path: str) -> bool:
     """Whether ``path`` names a server's pool file: a client maps (and writes into) no other file a server
     names, so a hostile server cannot make it overwrite, say, the user's ~/.bashrc."""

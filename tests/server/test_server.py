@@ -386,16 +386,25 @@ def test_a_flood_of_clients_gets_backpressure_not_failures(tmp_path) -> None:
     assert sum(busy.value(op=op, status="BUSY") for op in ("STORE", "RETRIEVE")) > 0
 
 
-def test_pools_left_by_dead_servers_are_removed(tmp_path) -> None:
-    """A server killed without cleaning up leaves its shared-memory file; the next server start deletes it."""
-    from kvtier.server.shared_memory import remove_stale_pools
+def test_pools_and_writer_files_left_by_dead_processes_are_removed(tmp_path) -> None:
+    """A server killed without cleaning up leaves its shared-memory file, a client its liveness file; the next
+    server start deletes both, and nothing of a live server or client."""
+    import fcntl
+    import os
+
+    from kvtier.server.shared_memory import remove_stale_files
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = tmp_path / f"kvtier-{dead.pid}-{'a' * 32}"
-    alive = tmp_path / f"kvtier-{__import__('os').getpid()}-{'d' * 32}"
+    alive = tmp_path / f"kvtier-{os.getpid()}-{'d' * 32}"
     other = tmp_path / "kvtier-notapid-x"
-    for path in (stale, alive, other):
+    dead_writer = tmp_path / f"kvtier-client-{dead.pid}-{'b' * 32}"
+    live_writer = tmp_path / f"kvtier-client-{os.getpid()}-{'c' * 32}"
+    for path in (stale, alive, other, dead_writer, live_writer):
         path.write_bytes(b"x")
-    assert remove_stale_pools(str(tmp_path)) == 1
-    assert not stale.exists() and alive.exists() and other.exists()
+    with open(live_writer) as held:
+        fcntl.flock(held, fcntl.LOCK_SH)
+        assert remove_stale_files(str(tmp_path)) == 2
+    assert not stale.exists() and not dead_writer.exists()
+    assert alive.exists() and other.exists() and live_writer.exists()

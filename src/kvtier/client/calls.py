@@ -198,7 +198,10 @@ class Calls:
     def shm_info(self) -> Call[str]:
         return self._call(Op.SHM_INFO, {}, lambda r: _pool_path(r.meta), [])
 
-    def store_reserve(self, tokens: Any, kv: np.ndarray, skip_tokens: int, cache_salt: str) -> Call[Reservation]:
+    def store_reserve(
+        self, tokens: Any, kv: np.ndarray, skip_tokens: int, cache_salt: str, session: str
+    ) -> Call[Reservation]:
+        """``session``: the name of this client's liveness file (see ``server/shared_memory.py``)."""
         encoded = self._check_kv(tokens, kv)
         n = len(encoded) // 4
 
@@ -212,7 +215,8 @@ class Calls:
             lease = _field(reply.meta, "lease", int)
             return Reservation(lease, _pool_path(reply.meta), chunks, _count(reply.meta, "dropped_tokens", n))
 
-        return self._call(Op.STORE_RESERVE, {"cache_salt": cache_salt, "skip_tokens": skip_tokens}, parse, [encoded])
+        meta = {"cache_salt": cache_salt, "skip_tokens": skip_tokens, "session": session}
+        return self._call(Op.STORE_RESERVE, meta, parse, [encoded])
 
     def store_commit(self, lease: int, num_tokens: int) -> Call[StoreReply]:
         return self._call(Op.STORE_COMMIT, {"lease": lease}, lambda r: _store_reply(r, num_tokens), [])

@@ -9,12 +9,15 @@ again. When every attempt fails the call raises :class:`ServerUnavailable`; call
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import mmap
 import os
 import stat
 import threading
 import time
+import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -38,7 +41,7 @@ from kvtier.client.calls import (
 )
 from kvtier.errors import KVTierError
 from kvtier.memory.layout import KVLayout
-from kvtier.protocol import Message, ProtocolError, decode, encode
+from kvtier.protocol import Message, ProtocolError, decode, encode, shared_memory_dir
 
 T = TypeVar("T")
 
@@ -79,6 +82,31 @@ class SharedArena:
     def close(self) -> None:
         with contextlib.suppress(BufferError):  # an array handed out may still view it
             self.mapping.close()
+
+
+class WriterSession:
+    """This process's liveness as a server sees it, for memory it reserved and may still write: a file in the
+    shared-memory directory that it holds a ``flock`` on while it runs (the kernel drops the lock when the
+    process ends, however it ends). A server never reuses a reservation whose writer still holds its lock."""
+
+    def __init__(self) -> None:
+        name = f"kvtier-client-{os.getpid()}-{uuid.uuid4().hex}"
+        final = os.path.join(shared_memory_dir(), name)
+        pending = final + ".new"  # locked before it gets its name: a named file is always a locked one
+        fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        os.rename(pending, final)
+        self.name = name
+        self._finalizer = weakref.finalize(self, _end_session, final, fd)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _end_session(path: str, fd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.close(fd)
 
 
 class Connection:
@@ -203,6 +231,7 @@ class KVTierClient:
         self.calls = Calls(model, layout, world_size, rank, chunk_size)
         self.shared_memory = shared_memory
         self._arena: SharedArena | None = None
+        self._session: WriterSession | None = None
         self._copiers: ThreadPoolExecutor | None = None
 
     # -- ops ----------------------------------------------------------------------------------------
@@ -223,7 +252,8 @@ class KVTierClient:
         self, tokens: Any, *, out: np.ndarray | None = None, skip_tokens: int = 0, cache_salt: str = ""
     ) -> RetrieveReply:
         """The KV of the longest cached prefix, copied into ``out`` when given (else a new array, or a
-        read-only view of the received message over TCP)."""
+        read-only view of the received message over TCP). With a hit of 0, what ``out`` holds is undefined (a
+        shared-memory copy the server could not confirm as complete is a miss)."""
         if self._use_shared_memory():
             return self._retrieve_shared(tokens, skip_tokens, cache_salt, out)
         return self.connection.call(self.calls.retrieve(tokens, skip_tokens, cache_salt, out))
@@ -266,9 +296,17 @@ class KVTierClient:
         return self._arena
 
     def _store_shared(self, tokens: Any, kv: np.ndarray, skip_tokens: int, cache_salt: str) -> StoreReply:
-        reserved = self.connection.call(self.calls.store_reserve(tokens, kv, skip_tokens, cache_salt))
-        arena = self._arena_for(reserved.path)
-        self._copy_chunks([(arena.view(self.layout, c), kv[:, :, c.start : c.end]) for c in reserved.chunks])
+        if self._session is None:
+            self._session = WriterSession()
+        call = self.calls.store_reserve(tokens, kv, skip_tokens, cache_salt, self._session.name)
+        reserved = self.connection.call(call)
+        try:
+            arena = self._arena_for(reserved.path)
+            self._copy_chunks([(arena.view(self.layout, c), kv[:, :, c.start : c.end]) for c in reserved.chunks])
+        except BaseException:  # no copy goes on: hand the reservation back now rather than when this process exits
+            with contextlib.suppress(Exception):
+                self.connection.call(self.calls.shm_release(reserved.lease))
+            raise
         return self.connection.call(self.calls.store_commit(reserved.lease, int(kv.shape[2])))
 
     def _copy_chunks(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -284,18 +322,22 @@ class KVTierClient:
 
     def _retrieve_shared(self, tokens: Any, skip_tokens: int, cache_salt: str, out: np.ndarray | None) -> RetrieveReply:
         pinned = self.connection.call(self.calls.retrieve_pin(tokens, skip_tokens, cache_salt, out))
+        end = pinned.chunks[-1].end if pinned.chunks else 0
+        kv = out if out is not None else np.zeros(self.layout.chunk_shape(end), self.layout.element.numpy_name)
         try:
-            end = pinned.chunks[-1].end if pinned.chunks else 0
-            if out is None:
-                out = np.zeros(self.layout.chunk_shape(end), self.layout.element.numpy_name)
             arena = self._arena_for(pinned.path)
-            self._copy_chunks([(out[:, :, c.start : c.end], arena.view(self.layout, c)) for c in pinned.chunks])
+            self._copy_chunks([(kv[:, :, c.start : c.end], arena.view(self.layout, c)) for c in pinned.chunks])
         finally:
-            self.connection.call(self.calls.shm_release(pinned.lease))
-        return RetrieveReply(pinned.hit_tokens, pinned.loaded_tokens, pinned.tiers, out)
+            released = self.connection.call(self.calls.shm_release(pinned.lease))
+        if not released:  # the lease expired first: the chunks may have been reused while we copied them
+            return RetrieveReply(0, 0, {}, kv if out is not None else kv[:, :, :0])
+        return RetrieveReply(pinned.hit_tokens, pinned.loaded_tokens, pinned.tiers, kv)
 
     def close(self) -> None:
         self.connection.close()
+        if self._session is not None:
+            self._session.close()
+            self._session = None
         if self._copiers is not None:
             self._copiers.shutdown()
             self._copiers = None

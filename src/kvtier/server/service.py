@@ -28,8 +28,8 @@ from kvtier.engine.cache_engine import CacheEngine, skip_mask
 from kvtier.errors import KVTierError
 from kvtier.memory.layout import KVLayout
 from kvtier.metrics import CacheMetrics, ServerMetrics
-from kvtier.protocol import MAX_KEYS, Message, Op, ProtocolError, Status, get_field, layout_from_meta
-from kvtier.server.shared_memory import LeaseTable, shared_memory_path
+from kvtier.protocol import MAX_KEYS, Message, Op, ProtocolError, Status, get_field, layout_from_meta, writer_path
+from kvtier.server.shared_memory import ShmLeaseTable, shared_memory_path
 from kvtier.storage.registry import build_storage
 from kvtier.tokens.keys import MAX_SALT_LENGTH, CacheKey, key_id_from_str
 
@@ -50,7 +50,8 @@ class CacheService:
         self.server_id = uuid.uuid4().hex
         self.shm_path = shared_memory_path(self.server_id) if config.server_shared_memory else None
         self.storage = build_storage(config, self.metrics, shared_memory=self.shm_path)
-        self.shm_leases = LeaseTable(config.server_lease_sec)
+        self.shm_leases = ShmLeaseTable(config.server_lease_sec)
+        self.server_metrics.shm_leases.add_source(self._lease_counts)
         self.started = time.time()
         self.auth_token = config.auth_token()  # read once: both planes check this value, whatever the file does
         self._engines: dict[NamespaceKey, CacheEngine] = {}
@@ -102,6 +103,10 @@ class CacheService:
         self.server_metrics.requests.inc(op=name, status=reply.status.name)
         self.server_metrics.request_seconds.observe(time.monotonic() - received_at, op=name)
         return reply
+
+    def _lease_counts(self) -> dict[tuple[str, ...], float]:
+        stalled = self.shm_leases.stalled()
+        return {("active",): len(self.shm_leases) - stalled, ("stalled",): stalled}
 
     def _check_auth(self, request: Message) -> None:
         if not self.authorized(request.meta.get("auth")):
@@ -277,8 +282,13 @@ class CacheService:
     def _store_reserve(self, request: Message) -> Message:
         """Reserve memory for the new chunks; the client writes them at the returned offsets, then commits."""
         engine, tokens = self.engine_for(request.meta), self._tokens(request)
+        writer = writer_path(get_field(request.meta, "session", str))
+        if writer is None:
+            raise ProtocolError("session must name the client's liveness file (kvtier-client-<pid>-<32 hex>)")
         reservation = engine.reserve(tokens, mask=self._mask(request, len(tokens)), cache_salt=self._salt(request.meta))
-        lease = self.shm_leases.open(lambda: engine.abandon(reservation), lambda: engine.commit(reservation))
+        lease = self.shm_leases.open(
+            lambda: engine.abandon(reservation), lambda: engine.commit(reservation), writer=writer
+        )
         chunks = [[c.start, c.end, o.offset] for c, o in zip(reservation.chunks, reservation.objs, strict=True)]
         meta = {"lease": lease, "chunks": chunks, "dropped_tokens": reservation.dropped_tokens, "path": self.shm_path}
         return reply_to(request, meta)
@@ -396,7 +406,11 @@ class CacheService:
             "tiers": tiers,
             "engines": engines,
             "clients": sum(self.server_metrics.clients.values().values()),
-            "shared_memory": {"path": self.shm_path, "leases": len(self.shm_leases)},
+            "shared_memory": {
+                "path": self.shm_path,
+                "leases": len(self.shm_leases),
+                "stalled_writers": self.shm_leases.stalled(),
+            },
             "quotas": self.quotas(),
             "metrics": self.metrics.registry.snapshot(),
         }
