@@ -44,6 +44,37 @@ def http_get(port: int, path: str, token: str | None = None, method: str = "GET"
         return exc.code, exc.read()
 
 
+def http_json(
+    port: int, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = None
+) -> tuple[int, Any]:
+    """An admin API call with a JSON body; (status, decoded JSON reply)."""
+    data = json.dumps(body or {}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def raw_exchange(port: int, frames: list[bytes], timeout_ms: int = 3000) -> Message | None:
+    """Send raw frames to a server's data plane; its decoded reply, or None if none came."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    try:
+        sock.send_multipart(frames)
+        if not sock.poll(timeout_ms):
+            return None
+        return decode(sock.recv_multipart())
+    finally:
+        sock.close()
+
+
 class ServerProcess:
     """`kvtier server` as a child process on free loopback ports."""
 

@@ -10,12 +10,12 @@ import time
 
 import numpy as np
 import pytest
-import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import CHUNK, LAYOUT, ServerProcess, free_port, http_get
 from kvtier.client import KVTierClient, ServerError, ServerUnavailable
-from kvtier.protocol import Message, Op, Status, decode, encode, layout_to_meta
+from kvtier.protocol import Message, Op, Status, encode, layout_to_meta
+from servers import http_json, raw_exchange
 
 
 def kv_for(seed: int, tokens: int) -> np.ndarray:
@@ -212,19 +212,6 @@ def test_metrics_parse_with_prometheus_parser_after_traffic(inproc_server) -> No
     assert http_get(inproc_server.http_port, "/nope")[0] == 404
 
 
-def raw_exchange(port: int, frames: list[bytes], timeout_ms: int = 3000) -> Message | None:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(f"tcp://127.0.0.1:{port}")
-    try:
-        sock.send_multipart(frames)
-        if not sock.poll(timeout_ms):
-            return None
-        return decode(sock.recv_multipart())
-    finally:
-        sock.close()
-
-
 def namespace_meta() -> dict:
     return {"model": "test-model", "layout": layout_to_meta(LAYOUT), "chunk_size": CHUNK}
 
@@ -303,24 +290,6 @@ def test_server_process_logs_and_exits_cleanly_on_sigint(tmp_path) -> None:
     assert "kvtier server stopped" in server.log.read_text()
 
 
-def http_json(port: int, method: str, path: str, body: dict | None = None, token: str | None = None):  # type: ignore[no-untyped-def]
-    import json
-    import urllib.error
-    import urllib.request
-
-    data = json.dumps(body or {}).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def test_admin_clear_by_tenant_delete_pin_and_quota(inproc_server) -> None:
     """Clearing one tenant leaves the others; delete and pin act on a prompt's chunks; a tenant's quota
     evicts only its own chunks."""
@@ -343,11 +312,12 @@ def test_admin_clear_by_tenant_delete_pin_and_quota(inproc_server) -> None:
 
         chunk_bytes = LAYOUT.chunk_bytes(CHUNK)
         status, body = http_json(port, "PUT", "/quota/q", {"limit_gb": 3 * chunk_bytes / 2**30})
-        assert status == 200 and body["quotas"]["q"]["limit_bytes"] == 3 * chunk_bytes
+        q = inproc_server.server.service.tenant_id("q")
+        assert status == 200 and body["quotas"][q]["limit_bytes"] == 3 * chunk_bytes
         client.store(list(range(100, 164)), kv_for(10, 64))  # another tenant, untouched by q's quota
         client.store(list(range(64)), kv_for(11, 64), cache_salt="q")  # 4 chunks, quota 3: its own tail goes
         quotas = http_json(port, "GET", "/quota")[1]["quotas"]
-        assert quotas["q"]["used_bytes"] <= 3 * chunk_bytes and quotas[""]["used_bytes"] == 4 * chunk_bytes
+        assert quotas[q]["used_bytes"] <= 3 * chunk_bytes and quotas["_default"]["used_bytes"] == 4 * chunk_bytes
         assert client.lookup(list(range(100, 164))).hit_tokens == 64
         assert http_json(port, "DELETE", "/quota/q")[0] == 200
     assert http_json(port, "POST", "/pin", {"tokens": "x"})[0] == 400

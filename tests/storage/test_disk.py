@@ -71,7 +71,7 @@ def test_one_checksummed_file_per_chunk(disk: DiskTier, make_obj, make_keys, nam
     assert all(p.stat().st_size == FILE_BYTES for p in chunk_files(root))
     assert disk.usage().used_bytes == 3 * FILE_BYTES
     meta = json.loads((root / namespace.digest.hex() / "namespace.json").read_text())
-    assert meta == namespace.to_dict()
+    assert meta == namespace.describe()
     assert not list(root.rglob("*.tmp.*"))
 
 

@@ -14,6 +14,7 @@ from kvtier.tokens.keys import (
     Namespace,
     key_id_from_str,
     key_id_to_str,
+    salt_digest,
 )
 
 LAYOUT = "lkthd-v1:L2:KV2:H2:D8:float16"
@@ -139,13 +140,16 @@ def test_invalid_namespaces_rejected(kwargs):
         Namespace(**kwargs)
 
 
-def test_namespace_to_dict_names_every_field():
-    """to_dict records every field that feeds the digest (written next to disk chunks)."""
-    assert BASE.to_dict() == {
+def test_namespace_description_names_every_field_but_not_the_salt():
+    """describe() records every field that feeds the digest (written next to disk chunks), the tenant's salt only
+    as a digest; no repr shows the salt either."""
+    assert BASE.describe() == {
         "model_name": "meta-llama/Llama-3.1-8B",
         "layout": LAYOUT,
         "world_size": 2,
         "rank": 1,
-        "cache_salt": "tenant-a",
+        "cache_salt_digest": salt_digest("tenant-a"),
         "hash_scheme": HASH_SCHEME,
     }
+    assert "tenant-a" not in repr(BASE) and "tenant-a" not in str(BASE.describe())
+    assert salt_digest("") == "" and salt_digest("a") != salt_digest("b")

@@ -20,11 +20,10 @@ from typing import Any
 from kvtier import __version__
 from kvtier.errors import KVTierError
 from kvtier.protocol import ProtocolError, get_field
-from kvtier.server.service import CacheService
+from kvtier.server.service import DEFAULT_TENANT, CacheService
 
 log = logging.getLogger("kvtier.server")
 MAX_BODY_BYTES = 64 << 20  # a /delete or /pin body lists at most server_max_tokens ids
-DEFAULT_TENANT = "_default"  # the tenant with no cache_salt, in /quota/<salt> paths
 
 
 def _salt_of(route: str) -> str:
@@ -145,6 +144,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.OK, self.service.metrics.render().encode(), "text/plain; version=0.0.4")
         elif route == "/quota":
             self._json(HTTPStatus.OK, {"quotas": self.service.quotas()})
+        elif route.startswith("/quota/"):
+            self._json(HTTPStatus.OK, self.service.tenant_quota(_salt_of(route)))
         elif route == "/openapi.json":
             self._json(HTTPStatus.OK, OPENAPI)
         else:

@@ -9,6 +9,7 @@ trusted (field types, sizes, counts, the chunk size), and a failure is a reply w
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import logging
 import os
@@ -36,6 +37,7 @@ from kvtier.tokens.keys import MAX_SALT_LENGTH, CacheKey, key_id_from_str
 log = logging.getLogger("kvtier.server")
 MAX_MODEL_NAME = 256
 MAX_ENGINES = 1024  # distinct (model, layout, world size, rank) served at once
+DEFAULT_TENANT = "_default"  # the tenant with no cache_salt, in listings and in /quota/<salt> paths
 
 NamespaceKey = tuple[str, KVLayout, int, int]
 
@@ -53,6 +55,7 @@ class CacheService:
         self.shm_leases = ShmLeaseTable(config.server_lease_sec)
         self.server_metrics.shm_leases.add_source(self._lease_counts)
         self.started = time.time()
+        self._tenant_key = secrets.token_bytes(32)  # for tenant_id: ids stable for this server's lifetime only
         self.auth_token = config.auth_token()  # read once: both planes check this value, whatever the file does
         self._engines: dict[NamespaceKey, CacheEngine] = {}
         self._lock = threading.Lock()
@@ -374,14 +377,29 @@ class CacheService:
             self.storage.memory.quotas[cache_salt] = limit_bytes
 
     def quotas(self) -> dict[str, dict[str, int | None]]:
+        """Memory quota and use of every tenant holding memory or a quota, by :meth:`tenant_id` (never by salt)."""
         memory = self.storage.memory
         if memory is None:
             return {}
         used = memory.tenant_bytes()
         return {
-            t: {"limit_bytes": memory.quotas.get(t), "used_bytes": used.get(t, 0)}
-            for t in sorted(set(used) | set(memory.quotas))
+            self.tenant_id(t): {"limit_bytes": memory.quotas.get(t), "used_bytes": used.get(t, 0)}
+            for t in set(used) | set(memory.quotas)
         }
+
+    def tenant_quota(self, cache_salt: str) -> dict[str, Any]:
+        """One tenant's id, quota and use, for whoever holds its salt."""
+        memory = self.storage.memory
+        limit = memory.quotas.get(cache_salt) if memory is not None else None
+        used = memory.tenant_bytes().get(cache_salt, 0) if memory is not None else 0
+        return {"tenant": self.tenant_id(cache_salt), "limit_bytes": limit, "used_bytes": used}
+
+    def tenant_id(self, cache_salt: str) -> str:
+        """How listings name tenant ``cache_salt``: a digest keyed with this server's own random key, so a listing
+        neither shows a salt nor lets anyone test guesses against it offline (``_default``: no salt)."""
+        if not cache_salt:
+            return DEFAULT_TENANT
+        return hashlib.blake2b(cache_salt.encode(), key=self._tenant_key, digest_size=8).hexdigest()
 
     def _body_tokens(self, body: dict[str, Any]) -> np.ndarray:
         tokens = get_field(body, "tokens", list)

@@ -28,6 +28,9 @@ from kvtier.tokens.keys import NAMESPACE_DIGEST_SIZE, CacheKey, key_id_from_str
 
 log = logging.getLogger(__name__)
 SUFFIX = ".kvt"
+# KV can be inverted back into prompt text: chunks are for the server's user only (as its shared memory is).
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
 TMP_MARK = ".tmp."
 _counter = itertools.count()
 
@@ -56,7 +59,7 @@ class DiskTier(StorageTier):
         self._pins = PinTable()
         self._lock = threading.RLock()
         self._known_namespaces: set[bytes] = set()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         self._rebuild_index()
 
     # -- paths and index ------------------------------------------------------------------------
@@ -137,10 +140,10 @@ class DiskTier(StorageTier):
     def _write_file(self, key: CacheKey, obj: MemoryObj) -> None:
         final = self.path_for(key.id)
         self._note_namespace(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         tmp = final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}.{next(_counter)}")
         payload = memoryview(obj.data)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
         try:
             _write_all(fd, make_header(key.id, obj.layout, obj.num_tokens, payload))
             _write_all(fd, payload)
@@ -161,8 +164,8 @@ class DiskTier(StorageTier):
         if digest in self._known_namespaces:
             return
         directory = self.root / digest.hex()
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "namespace.json").write_text(json.dumps(key.namespace.to_dict(), indent=1))
+        directory.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        _write_private(directory / "namespace.json", json.dumps(key.namespace.describe(), indent=1).encode())
         self._known_namespaces.add(digest)
 
     def get(self, key: CacheKey, allocate: Allocate) -> MemoryObj | None:
@@ -262,6 +265,14 @@ class DiskTier(StorageTier):
 
     def usage(self) -> TierUsage:
         return TierUsage(self._used, self.capacity_bytes, len(self._sizes), len(self._pins))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: memoryview | bytes) -> None:

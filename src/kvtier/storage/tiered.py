@@ -23,7 +23,7 @@ from kvtier.storage.base import StorageTier
 from kvtier.storage.disk import DiskTier
 from kvtier.storage.memory import MemoryTier
 from kvtier.storage.writer import BackgroundWriter
-from kvtier.tokens.keys import CacheKey
+from kvtier.tokens.keys import CacheKey, salt_digest
 
 log = logging.getLogger(__name__)
 
@@ -291,9 +291,10 @@ class TieredStorage:
         digests = (
             {d for d, ns in self.memory.namespaces().items() if ns.cache_salt == cache_salt} if self.memory else set()
         )
+        wanted = salt_digest(cache_salt)
         for tier in self.lower:
             if isinstance(tier, DiskTier):
-                digests |= {d for d, info in tier.namespaces().items() if info.get("cache_salt") == cache_salt}
+                digests |= {d for d, info in tier.namespaces().items() if info.get("cache_salt_digest") == wanted}
         return digests
 
     def delete_namespaces(self, digests: set[bytes]) -> int:

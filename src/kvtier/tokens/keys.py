@@ -25,7 +25,7 @@ class Namespace:
     layout: str
     world_size: int = 1
     rank: int = 0
-    cache_salt: str = ""
+    cache_salt: str = field(default="", repr=False)  # a tenant's secret: never in a repr, a log line or a file
     hash_scheme: str = HASH_SCHEME
     digest: bytes = field(init=False, repr=False, compare=False)
 
@@ -56,15 +56,26 @@ class Namespace:
     def key(self, chunk_hash: bytes) -> CacheKey:
         return CacheKey(self, chunk_hash)
 
-    def to_dict(self) -> dict[str, object]:
+    def describe(self) -> dict[str, object]:
+        """What a person or tool may be shown of the namespace: every field, the salt only as
+        :func:`salt_digest`."""
         return {
             "model_name": self.model_name,
             "layout": self.layout,
             "world_size": self.world_size,
             "rank": self.rank,
-            "cache_salt": self.cache_salt,
+            "cache_salt_digest": salt_digest(self.cache_salt),
             "hash_scheme": self.hash_scheme,
         }
+
+
+def salt_digest(cache_salt: str) -> str:
+    """A stable digest of a tenant salt, for the server's own files (``namespace.json`` in its private disk
+    directory), where a tenant must be recognised across restarts; "" for no salt. Listings use the server's
+    keyed ids instead."""
+    if not cache_salt:
+        return ""
+    return blake2b(cache_salt.encode(), digest_size=16, person=b"kvtier.salt.v1").hexdigest()
 
 
 class CacheKey:
