@@ -69,3 +69,49 @@ def test_dead_server_is_a_fast_miss(tmp_path) -> None:
 def test_bad_url_is_a_config_error(metrics: CacheMetrics) -> None:
     with pytest.raises(ConfigError):
         create_kvtier_tier("kvtier://nohost", load_config(env={}), metrics)
+
+
+def test_chunks_stored_through_kvtier_url_belong_to_their_tenant(tmp_path) -> None:
+    """Chunks an engine writes through remote_url kvtier:// carry their namespace: the server bills them to their
+    tenant and clears them with it (they arrived by key alone, so both used to miss them)."""
+    srv = InProcessServer(tmp_path / "server-disk")
+    layout = KVLayout(2, 2, 16)
+    overrides = {"chunk_size": CHUNK, "max_local_cpu_size": 0.01, "remote_url": f"kvtier://127.0.0.1:{srv.port}"}
+    kv = np.ones(layout.chunk_shape(64), np.float16)
+    try:
+        with CacheEngine(load_config(env={}, overrides=overrides), layout, model_name="m") as engine:
+            engine.store(list(range(64)), kv, cache_salt="tenant-t")
+            engine.store(list(range(64)), kv)
+            assert engine.flush(10)
+        service = srv.server.service
+        assert service.storage.flush(10)
+        quotas = service.quotas()
+        assert quotas[service.tenant_id("tenant-t")]["used_bytes"] == layout.chunk_bytes(64)
+        assert quotas["_default"]["used_bytes"] == layout.chunk_bytes(64)
+        assert service.clear("tenant-t") == 8  # 4 chunks, each in the server's memory and on its disk
+        assert service.tenant_quota("tenant-t")["used_bytes"] == 0 and service.clear("") == 8
+    finally:
+        srv.stop()
+
+
+def test_put_keys_without_a_matching_namespace_is_refused(server: InProcessServer) -> None:
+    """A key's namespace must be described, and must hash to the key's own namespace digest: a client cannot
+    bill its chunks to another tenant."""
+    from kvtier.client.calls import ServerError
+    from kvtier.client.client import Connection
+    from kvtier.codecs.chunk_format import make_header
+    from kvtier.tokens.keys import Namespace
+
+    layout = KVLayout(2, 2, 16)
+    ns, other = Namespace("m", layout.descriptor(), cache_salt="mine"), Namespace("m", layout.descriptor())
+    key = ns.key(bytes(32))
+    payload = bytes(layout.chunk_bytes(16))
+    value = make_header(key.id, layout, 16, payload) + payload
+    connection = Connection(f"127.0.0.1:{server.port}", timeout=5.0, retries=0)
+    try:
+        for namespaces in ({}, {ns.digest.hex(): other.fields()}, {ns.digest.hex(): {"model_name": 3}}):
+            with pytest.raises(ServerError, match="namespace"):
+                connection.put_keys([key.to_str()], [value], namespaces)
+        assert connection.put_keys([key.to_str()], [value], {ns.digest.hex(): ns.fields()}) == 1
+    finally:
+        connection.close()

@@ -21,6 +21,7 @@ from kvtier.storage.eviction import make_policy
 from kvtier.storage.memory import MemoryTier
 from kvtier.storage.remote import CircuitBreaker, RemoteStore, RemoteTier, Value
 from kvtier.storage.tiered import TieredStorage
+from kvtier.tokens.keys import Namespace
 
 
 class FlakyStore(RemoteStore):
@@ -40,7 +41,7 @@ class FlakyStore(RemoteStore):
         self._check()
         return [self.values.get(n) for n in names]
 
-    def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None) -> bool:
+    def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None, namespace: Namespace | None = None) -> bool:
         self._check()
         if name in self.values:
             return False

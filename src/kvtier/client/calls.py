@@ -276,8 +276,10 @@ def get_keys(keys: list[str]) -> Call[list[memoryview | None]]:
     return Call(Op.GET_KEYS, {"keys": keys}, parse)
 
 
-def put_keys(keys: list[str], values: list[Any]) -> Call[int]:
-    return Call(Op.PUT_KEYS, {"keys": keys}, lambda r: _count(r.meta, "stored", len(keys)), values)
+def put_keys(keys: list[str], values: list[Any], namespaces: dict[str, dict[str, Any]]) -> Call[int]:
+    """``namespaces``: each key's namespace (``Namespace.fields()``) by its digest in hex."""
+    meta = {"keys": keys, "namespaces": namespaces}
+    return Call(Op.PUT_KEYS, meta, lambda r: _count(r.meta, "stored", len(keys)), values)
 
 
 def delete_keys(keys: list[str]) -> Call[int]:

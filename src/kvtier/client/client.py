@@ -158,8 +158,10 @@ class Connection:
         """Each key's chunk in the stored chunk format, None for a miss."""
         return self.call(calls.get_keys(keys))
 
-    def put_keys(self, keys: list[str], values: list[Any]) -> int:
-        return self.call(calls.put_keys(keys, values))
+    def put_keys(self, keys: list[str], values: list[Any], namespaces: dict[str, dict[str, Any]]) -> int:
+        """Store chunk-format values; ``namespaces``: each key's namespace by digest (hex), which the server
+        needs to bill and clear chunks by tenant."""
+        return self.call(calls.put_keys(keys, values, namespaces))
 
     def delete_keys(self, keys: list[str]) -> int:
         return self.call(calls.delete_keys(keys))

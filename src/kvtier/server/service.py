@@ -32,7 +32,7 @@ from kvtier.metrics import CacheMetrics, ServerMetrics
 from kvtier.protocol import MAX_KEYS, Message, Op, ProtocolError, Status, get_field, layout_from_meta, writer_path
 from kvtier.server.shared_memory import ShmLeaseTable, shared_memory_path
 from kvtier.storage.registry import build_storage
-from kvtier.tokens.keys import MAX_SALT_LENGTH, CacheKey, key_id_from_str
+from kvtier.tokens.keys import MAX_SALT_LENGTH, NAMESPACE_DIGEST_SIZE, CacheKey, Namespace, key_id_from_str
 
 log = logging.getLogger("kvtier.server")
 MAX_MODEL_NAME = 256
@@ -256,7 +256,7 @@ class CacheService:
         return reply_to(request, {"found": sum(1 for f in frames if len(f))}, frames)
 
     def _put_keys(self, request: Message) -> Message:
-        keys = self._keys(request)
+        keys = self._with_namespaces(self._keys(request), get_field(request.meta, "namespaces", dict))
         if len(request.payload) != len(keys):
             raise ProtocolError(f"{len(keys)} keys but {len(request.payload)} value frames")
         stored = 0
@@ -272,6 +272,26 @@ class CacheService:
             finally:
                 obj.unref()
         return reply_to(request, {"stored": stored})
+
+    @staticmethod
+    def _with_namespaces(keys: list[CacheKey], described: dict[str, Any]) -> list[CacheKey]:
+        """``keys`` with their namespaces, as the client describes them: quotas and clears by tenant need them. A
+        description must hash to the key's own namespace digest, so no client can bill chunks to another tenant."""
+        namespaces: dict[bytes, Namespace] = {}
+        full = []
+        for key in keys:
+            digest = key.id[:NAMESPACE_DIGEST_SIZE]
+            if digest not in namespaces:
+                fields = described.get(digest.hex())
+                try:
+                    namespace = Namespace.from_fields(fields) if isinstance(fields, dict) else None
+                except ValueError as exc:
+                    raise ProtocolError(f"bad namespace for key {key.to_str()}: {exc}") from None
+                if namespace is None or namespace.digest != digest:
+                    raise ProtocolError(f"no namespace matching key {key.to_str()}: PUT_KEYS describes every key's")
+                namespaces[digest] = namespace
+            full.append(namespaces[digest].key(key.chunk_hash))
+        return full
 
     def _delete_keys(self, request: Message) -> Message:
         return reply_to(request, {"deleted": sum(self.storage.delete(k) for k in self._keys(request))})

@@ -16,6 +16,7 @@ from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
 from kvtier.protocol import MAX_KEYS
 from kvtier.storage.remote import CircuitBreaker, RemoteStore, RemoteTier, Value
+from kvtier.tokens.keys import Namespace
 
 
 class KVTierServerStore(RemoteStore):
@@ -29,8 +30,10 @@ class KVTierServerStore(RemoteStore):
     def get_many(self, names: Sequence[str]) -> list[Value | None]:
         return [v for batch in _batches(names) for v in self.connection.get_keys([self._key(n) for n in batch])]
 
-    def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None) -> bool:
-        return self.connection.put_keys([self._key(name)], [b"".join(parts)]) > 0
+    def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None, namespace: Namespace | None = None) -> bool:
+        # The server bills and clears chunks by tenant: it needs the namespace, not only the key's digest of it.
+        namespaces = {namespace.digest.hex(): namespace.fields()} if namespace is not None else {}
+        return self.connection.put_keys([self._key(name)], [b"".join(parts)], namespaces) > 0
 
     def exists_many(self, names: Sequence[str]) -> list[bool]:
         return [x for batch in _batches(names) for x in self.connection.exists_keys([self._key(n) for n in batch])]

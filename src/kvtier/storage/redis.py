@@ -36,6 +36,7 @@ from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.remote import CircuitBreaker, RemoteStore, RemoteTier, Value
+from kvtier.tokens.keys import Namespace
 
 # scheme: (deployment, TLS). Cluster and Sentinel URLs turn TLS on with ``?ssl=true``.
 SCHEMES = {
@@ -222,7 +223,7 @@ class RedisStore(RemoteStore):
     def delete_many(self, names: Sequence[str | bytes]) -> int:
         return sum(self._pipelined(b"UNLINK", names, _simple_replies))
 
-    def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None) -> bool:
+    def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None, namespace: Namespace | None = None) -> bool:
         size = sum(memoryview(p).nbytes for p in parts)
         if size >= ASK_FIRST_BYTES and self.exists_many([name])[0]:
             return False

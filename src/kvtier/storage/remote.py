@@ -26,7 +26,7 @@ from kvtier.errors import CorruptChunkError, TruncatedChunkError
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.base import Allocate, StorageTier, TierUsage
-from kvtier.tokens.keys import CacheKey
+from kvtier.tokens.keys import CacheKey, Namespace
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,9 +42,10 @@ class RemoteStore(ABC):
         """The values of ``names`` (None where absent), in as few round trips as the store allows."""
 
     @abstractmethod
-    def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None) -> bool:
+    def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None, namespace: Namespace | None = None) -> bool:
         """Store the concatenation of ``parts`` under ``name`` so that readers see all of it or nothing. False if
-        ``name`` already held a value (kept as it was): a store that can, writes only if absent, atomically."""
+        ``name`` already held a value (kept as it was): a store that can, writes only if absent, atomically.
+        ``namespace``: the chunk's, for a store that accounts by tenant (a kvtier server); others ignore it."""
 
     @abstractmethod
     def exists_many(self, names: Sequence[str]) -> list[bool]:
@@ -228,7 +229,7 @@ class RemoteTier(StorageTier):
         parts = [make_header(key.id, obj.layout, obj.num_tokens, payload), payload]
 
         def write() -> bool:
-            return self.store.put(self.name_for(key), parts, self.ttl_sec)
+            return self.store.put(self.name_for(key), parts, self.ttl_sec, namespace=key.namespace)
 
         ok = self._call("put", write, False)
         if ok:

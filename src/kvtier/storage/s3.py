@@ -34,6 +34,7 @@ from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError, StorageError
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.remote import CircuitBreaker, RemoteStore, RemoteTier, Value
+from kvtier.tokens.keys import Namespace
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -214,7 +215,7 @@ class S3Store(RemoteStore):
         return True
 
     # -- writes -------------------------------------------------------------------------------------
-    def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None) -> bool:
+    def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None, namespace: Namespace | None = None) -> bool:
         """Store ``parts`` as one object unless ``name`` exists (False then). The bucket is created on the first
         write that finds it missing. ``ttl_sec`` is not applied: S3 expires objects by bucket lifecycle rules."""
         size = sum(memoryview(p).nbytes for p in parts)

@@ -56,6 +56,34 @@ class Namespace:
     def key(self, chunk_hash: bytes) -> CacheKey:
         return CacheKey(self, chunk_hash)
 
+    def fields(self) -> dict[str, object]:
+        """Every field, salt included: what a peer needs to rebuild the namespace (:meth:`from_fields`)."""
+        return {
+            "model_name": self.model_name,
+            "layout": self.layout,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "cache_salt": self.cache_salt,
+            "hash_scheme": self.hash_scheme,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, object]) -> Namespace:
+        """The namespace :meth:`fields` describes; ValueError for anything but those fields, correctly typed."""
+        types = {
+            "model_name": str,
+            "layout": str,
+            "world_size": int,
+            "rank": int,
+            "cache_salt": str,
+            "hash_scheme": str,
+        }
+        if set(fields) != set(types) or not all(
+            isinstance(fields[k], t) and not isinstance(fields[k], bool) for k, t in types.items()
+        ):
+            raise ValueError(f"a namespace has exactly the fields {sorted(types)}, correctly typed")
+        return cls(**fields)  # type: ignore[arg-type]
+
     def describe(self) -> dict[str, object]:
         """What a person or tool may be shown of the namespace: every field, the salt only as
         :func:`salt_digest`."""
