@@ -1,244 +1,341 @@
-"""HTTP admin and metrics for the cache server (standard library only).
+"""HTTP admin and metrics for the cache server: FastAPI (typed handlers, request validation, the OpenAPI document
+generated from them) served by uvicorn on its own thread.
 
 Reading: ``GET /healthcheck`` (200 healthy / 503 not ready), ``/status`` (JSON), ``/metrics`` (Prometheus text),
-``/quota``, ``/openapi.json`` (this API described). Changing, with the bearer token when the server has one:
-``POST /clear`` (all, or one tenant), ``/delete`` and ``/pin`` (a prompt's chunks), ``/unpin``,
-``PUT|DELETE /quota/<cache_salt>``. Bad input gets a 400 with the reason; nothing a client sends stops the server.
+``/quota`` (tenants by id), ``/quota/<cache_salt>`` (one tenant, for whoever holds its salt), ``/openapi.json``.
+Changing, with the bearer token when the server has one: ``POST /clear`` (all, or one tenant), ``/delete`` and
+``/pin`` (a prompt's chunks), ``/unpin``, ``PUT|DELETE /quota/<cache_salt>``.
+
+Whatever a client sends, it gets a prompt answer with a reason and the server goes on: a body is read whole
+before any handler runs (at most ``MAX_BODY_BYTES``: 413; within ``BODY_TIMEOUT_SEC``: 408; a client that goes
+away before it is complete runs nothing), parsed by the protocol's strict JSON parser (deep nesting, huge
+integers, NaN, duplicate keys: 400), then validated against the handler's model (wrong or unknown fields: 400).
+uvicorn refuses malformed HTTP (a negative Content-Length, oversized headers) itself.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
+import socket
 import threading
-import urllib.parse
-from collections.abc import Callable
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Annotated, Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvtier import __version__
 from kvtier.errors import KVTierError
-from kvtier.protocol import ProtocolError, get_field
-from kvtier.server.service import DEFAULT_TENANT, CacheService
+from kvtier.protocol import MAX_LAYOUT_DIM, ProtocolError, parse_json_object
+from kvtier.server.service import DEFAULT_TENANT, MAX_MODEL_NAME, CacheService
+from kvtier.tokens.keys import MAX_SALT_LENGTH
 
 log = logging.getLogger("kvtier.server")
 MAX_BODY_BYTES = 64 << 20  # a /delete or /pin body lists at most server_max_tokens ids
+BODY_TIMEOUT_SEC = 10.0  # a body must arrive within this long once its headers have
+MAX_CONNECTIONS = 128  # beyond this many open connections uvicorn answers 503
 
 
-def _salt_of(route: str) -> str:
-    salt = urllib.parse.unquote(route.removeprefix("/quota/"))
-    return "" if salt == DEFAULT_TENANT else salt
+# -- request and reply models (the OpenAPI document is generated from these) --------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.0.3",
-    "info": {"title": "kvtier server admin API", "version": __version__},
-    "paths": {
-        "/healthcheck": {
-            "get": {
-                "summary": "Liveness and readiness",
-                "responses": {"200": {"description": "healthy"}, "503": {"description": "not ready"}},
-            }
-        },
-        "/status": {
-            "get": {
-                "summary": "Configuration, tiers, capacity, clients, engines",
-                "responses": {"200": {"description": "status", "content": {"application/json": {}}}},
-            }
-        },
-        "/metrics": {
-            "get": {
-                "summary": "Prometheus metrics",
-                "responses": {"200": {"description": "Prometheus text format 0.0.4", "content": {"text/plain": {}}}},
-            }
-        },
-        "/clear": {
-            "post": {
-                "summary": "Remove every chunk from every tier",
-                "security": [{"bearer": []}],
-                "responses": {"200": {"description": "cleared"}, "401": {"description": "auth"}},
-            }
-        },
-        "/delete": {
-            "post": {
-                "summary": "Delete a prompt's chunks: {model, layout, tokens, cache_salt?}",
-                "security": [{"bearer": []}],
-                "responses": {"200": {"description": "deleted"}},
-            }
-        },
-        "/pin": {
-            "post": {
-                "summary": "Pin a prompt's cached prefix until /unpin: {model, layout, tokens}",
-                "security": [{"bearer": []}],
-                "responses": {"200": {"description": "pin_id"}},
-            }
-        },
-        "/unpin": {
-            "post": {
-                "summary": "Release a pin: {pin_id}",
-                "security": [{"bearer": []}],
-                "responses": {"200": {"description": "unpinned"}},
-            }
-        },
-        "/quota": {
-            "get": {"summary": "Memory quotas and use per tenant", "responses": {"200": {"description": "quotas"}}}
-        },
-        "/quota/{cache_salt}": {
-            "put": {
-                "summary": "Set a tenant's memory quota: {limit_gb} (_default = no salt)",
-                "security": [{"bearer": []}],
-                "responses": {"200": {"description": "quotas"}},
-            },
-            "delete": {
-                "summary": "Remove a tenant's quota",
-                "security": [{"bearer": []}],
-                "responses": {"200": {"description": "quotas"}},
-            },
-        },
-        "/openapi.json": {"get": {"summary": "This description", "responses": {"200": {"description": "spec"}}}},
-    },
-    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-}
+class ClearBody(_Strict):
+    cache_salt: str | None = Field(None, max_length=MAX_SALT_LENGTH, description="only this tenant's chunks")
 
 
+class LayoutBody(_Strict):
+    num_layers: int = Field(ge=1, le=MAX_LAYOUT_DIM)
+    num_kv_heads: int = Field(ge=1, le=MAX_LAYOUT_DIM)
+    head_dim: int = Field(ge=1, le=MAX_LAYOUT_DIM)
+    dtype: str = Field("float16", max_length=32)
+    kv_size: int = Field(2, ge=1, le=2)
+
+
+class PromptBody(_Strict):
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
+    layout: LayoutBody
+    world_size: int = Field(1, ge=1, le=1 << 16)
+    rank: int = Field(0, ge=0, lt=1 << 16)
+    chunk_size: int | None = Field(None, ge=1, le=1 << 20)
+    tokens: list[Annotated[int, Field(ge=0, lt=1 << 32)]] = Field(max_length=1 << 24)
+    cache_salt: str = Field("", max_length=MAX_SALT_LENGTH)
+
+
+class UnpinBody(_Strict):
+    pin_id: int = Field(ge=0, lt=1 << 63)
+
+
+class QuotaBody(_Strict):
+    limit_gb: float = Field(ge=0, lt=1 << 20, description="GiB of memory the tenant may hold")
+
+
+class Cleared(BaseModel):
+    cleared_chunks: int
+
+
+class Deleted(BaseModel):
+    deleted_chunks: int
+
+
+class Pinned(BaseModel):
+    pin_id: int
+    pinned_tokens: int
+
+
+class Unpinned(BaseModel):
+    unpinned: bool
+
+
+class TenantUse(BaseModel):
+    limit_bytes: int | None
+    used_bytes: int
+
+
+class Quotas(BaseModel):
+    quotas: dict[str, TenantUse] = Field(description="by tenant id (never by salt); _default: no salt")
+
+
+class TenantQuota(TenantUse):
+    tenant: str
+
+
+class Health(BaseModel):
+    status: str
+
+
+# -- the app ------------------------------------------------------------------------------------------------
+def create_app(service: CacheService, ready: threading.Event) -> ASGIApp:
+    """The admin API over ``service``; ``ready`` tells the health check whether the server serves yet."""
+    app = FastAPI(
+        title="kvtier server admin API",
+        version=__version__,
+        docs_url=None,  # the interactive pages load their scripts from the internet
+        redoc_url=None,
+    )
+    app.state.service = service
+    admin = [Depends(_authorized)]
+
+    @app.get("/healthcheck", response_model=Health, responses={503: {"model": Health}})
+    def healthcheck() -> Any:
+        if ready.is_set():
+            return {"status": "healthy"}
+        return JSONResponse({"status": "starting"}, status_code=503)
+
+    @app.get("/status", summary="Configuration, tiers, capacity, clients, engines")
+    def status() -> dict[str, Any]:
+        return {**service.status(), "config": service.public_config()}
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus text format 0.0.4")
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/quota", response_model=Quotas, summary="Memory quota and use of every tenant, by tenant id")
+    def quotas() -> Any:
+        return {"quotas": service.quotas()}
+
+    @app.get(
+        "/quota/{cache_salt:path}", response_model=TenantQuota, summary="One tenant's quota and use (_default: no salt)"
+    )
+    def tenant_quota(cache_salt: str) -> Any:
+        return service.tenant_quota(_salt(cache_salt))
+
+    @app.put(
+        "/quota/{cache_salt:path}", response_model=Quotas, dependencies=admin, summary="Set a tenant's memory quota"
+    )
+    def put_quota(cache_salt: str, body: QuotaBody) -> Any:
+        service.set_quota(_salt(cache_salt), int(body.limit_gb * 2**30))
+        return {"quotas": service.quotas()}
+
+    @app.delete(
+        "/quota/{cache_salt:path}", response_model=Quotas, dependencies=admin, summary="Remove a tenant's quota"
+    )
+    def delete_quota(cache_salt: str) -> Any:
+        service.set_quota(_salt(cache_salt), None)
+        return {"quotas": service.quotas()}
+
+    @app.post("/clear", response_model=Cleared, dependencies=admin, summary="Remove every chunk, or one tenant's")
+    def clear(body: ClearBody | None = None) -> Any:
+        return {"cleared_chunks": service.clear(body.cache_salt if body else None)}
+
+    @app.post("/delete", response_model=Deleted, dependencies=admin, summary="Delete a prompt's chunks")
+    def delete(body: PromptBody) -> Any:
+        return {"deleted_chunks": service.delete_tokens(body.model_dump(exclude_none=True))}
+
+    @app.post("/pin", response_model=Pinned, dependencies=admin, summary="Pin a prompt's cached prefix until /unpin")
+    def pin(body: PromptBody) -> Any:
+        pin_id, tokens = service.pin_tokens(body.model_dump(exclude_none=True))
+        return {"pin_id": pin_id, "pinned_tokens": tokens}
+
+    @app.post("/unpin", response_model=Unpinned, dependencies=admin, summary="Release a pin")
+    def unpin(body: UnpinBody) -> Any:
+        return {"unpinned": service.unpin(body.pin_id)}
+
+    _add_error_handlers(app)
+    return BoundedBody(app)
+
+
+BEARER = HTTPBearer(auto_error=False)
+
+
+def _authorized(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+    """The mutating endpoints' dependency: the server's bearer token, when it has one (401 otherwise)."""
+    if not request.app.state.service.authorized(credentials.credentials if credentials else None):
+        raise HTTPException(401, "missing or wrong bearer token")
+
+
+def _salt(path_salt: str) -> str:
+    return "" if path_salt == DEFAULT_TENANT else path_salt
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is ``{"error": reason}`` with its status; a bad request is a 400, never a dropped connection."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        reasons = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        return JSONResponse({"error": reasons}, status_code=400)  # the input itself is never echoed back
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        reason = f"no such endpoint: {request.method} {request.url.path}" if exc.status_code == 404 else exc.detail
+        return JSONResponse({"error": reason}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ProtocolError)
+    @app.exception_handler(KVTierError)
+    @app.exception_handler(ValueError)
+    async def bad_request(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("admin API: internal error serving %s %s", request.method, request.url.path)
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+
+class BoundedBody:
+    """ASGI middleware: read a request's whole body before the app runs, at most ``MAX_BODY_BYTES`` (413) and
+    within ``BODY_TIMEOUT_SEC`` (408), check it is strict JSON (400), then hand it to the app. A client that
+    disconnects before its body is complete gets nothing run."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            await _error(send, 413, f"body larger than {MAX_BODY_BYTES} bytes")
+            return
+        try:
+            body = await asyncio.wait_for(_read_body(receive), BODY_TIMEOUT_SEC)
+        except TimeoutError:
+            await _error(send, 408, f"the body did not arrive within {BODY_TIMEOUT_SEC:g} s")
+            return
+        except _TooLarge:
+            await _error(send, 413, f"body larger than {MAX_BODY_BYTES} bytes")
+            return
+        if body is None:  # the client went away mid-body: nothing to answer, nothing to run
+            return
+        if body:
+            try:
+                parse_json_object(body, "body")
+            except ProtocolError as exc:
+                await _error(send, 400, str(exc))
+                return
+        await self.app(scope, _replay(body, receive), send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    parts, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        part = message.get("body", b"")
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise _TooLarge
+        parts.append(part)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: the disconnect, when it comes
+
+    return replayed
+
+
+async def _error(send: Send, status: int, reason: str) -> None:
+    await JSONResponse({"error": reason}, status_code=status)({"type": "http"}, _nothing, send)
+
+
+async def _nothing() -> Message:
+    return {"type": "http.disconnect"}
+
+
+# -- the server thread --------------------------------------------------------------------------------------
 class AdminServer:
-    """The admin HTTP server on its own thread."""
+    """The admin API, served by uvicorn on its own thread. The socket is bound here, so a port in use fails at
+    construction, as the data plane's does."""
 
     def __init__(self, service: CacheService, ready: threading.Event) -> None:
-        self.service = service
-        handler = type("Handler", (_Handler,), {"service": service, "ready": ready})
         config = service.config
-        self.httpd = ThreadingHTTPServer((config.http_host, config.http_port), handler)
-        self.httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="kvtier-http", daemon=True)
+        family = socket.getaddrinfo(config.http_host, config.http_port, type=socket.SOCK_STREAM)[0][0]
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((config.http_host, config.http_port))
+        self._socket.listen(128)
+        self.host = config.http_host
+        self.uvicorn = uvicorn.Server(
+            uvicorn.Config(
+                create_app(service, ready),
+                http="h11",  # the pure-Python parser, which bounds header size (h11_max_incomplete_event_size)
+                log_config=None,  # kvtier's logging as configured, not uvicorn's own
+                access_log=False,
+                lifespan="off",
+                limit_concurrency=MAX_CONNECTIONS,
+                timeout_keep_alive=5,
+            )
+        )
+        self._thread = threading.Thread(target=self._serve, name="kvtier-http", daemon=True)
 
     @property
     def port(self) -> int:
-        return int(self.httpd.server_address[1])
+        return int(self._socket.getsockname()[1])
+
+    def _serve(self) -> None:
+        self.uvicorn.run(sockets=[self._socket])
 
     def start(self) -> None:
         self._thread.start()
-        log.info("kvtier admin HTTP on http://%s:%d", self.service.config.http_host, self.port)
+        log.info("kvtier admin HTTP on http://%s:%d", self.host, self.port)
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    service: CacheService
-    ready: threading.Event
-    server_version = f"kvtier/{__version__}"
-
-    def do_GET(self) -> None:
-        route = self.path.split("?", 1)[0]
-        if route == "/healthcheck":
-            ok = self.ready.is_set()
-            self._json(
-                HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, {"status": "healthy" if ok else "starting"}
-            )
-        elif route == "/status":
-            self._json(HTTPStatus.OK, {**self.service.status(), "config": self._public_config()})
-        elif route == "/metrics":
-            self._send(HTTPStatus.OK, self.service.metrics.render().encode(), "text/plain; version=0.0.4")
-        elif route == "/quota":
-            self._json(HTTPStatus.OK, {"quotas": self.service.quotas()})
-        elif route.startswith("/quota/"):
-            self._json(HTTPStatus.OK, self.service.tenant_quota(_salt_of(route)))
-        elif route == "/openapi.json":
-            self._json(HTTPStatus.OK, OPENAPI)
-        else:
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {route}"})
-
-    def do_POST(self) -> None:
-        self._mutate({"/clear": self._clear, "/delete": self._delete, "/pin": self._pin, "/unpin": self._unpin})
-
-    def do_PUT(self) -> None:
-        self._mutate({"/quota/": self._put_quota})
-
-    def do_DELETE(self) -> None:
-        self._mutate({"/quota/": self._delete_quota})
-
-    def _mutate(self, routes: dict[str, Callable[[str, dict[str, Any]], dict[str, Any]]]) -> None:
-        """Auth, then the route's action with the JSON body; bad input is a 400 with the reason."""
-        route = self.path.split("?", 1)[0]
-        action = next(
-            (
-                fn
-                for prefix, fn in routes.items()
-                if route == prefix or (prefix.endswith("/") and route.startswith(prefix))
-            ),
-            None,
-        )
-        if action is None:
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {self.command} {route}"})
-            return
-        if not self._authorized():
-            self._json(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token"})
-            return
-        try:
-            self._json(HTTPStatus.OK, action(route, self._body()))
-        except (ProtocolError, KVTierError, ValueError) as exc:
-            self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
-
-    def _body(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            raise ProtocolError(f"body larger than {MAX_BODY_BYTES} bytes")
-        raw = self.rfile.read(length) if length else b"{}"
-        try:
-            body = json.loads(raw or b"{}")
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProtocolError(f"body is not JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise ProtocolError("body must be a JSON object")
-        return body
-
-    def _clear(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
-        salt = get_field(body, "cache_salt", str, None) if "cache_salt" in body else None
-        return {"cleared_chunks": self.service.clear(salt)}
-
-    def _delete(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
-        return {"deleted_chunks": self.service.delete_tokens(body)}
-
-    def _pin(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
-        pin_id, tokens = self.service.pin_tokens(body)
-        return {"pin_id": pin_id, "pinned_tokens": tokens}
-
-    def _unpin(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
-        return {"unpinned": self.service.unpin(get_field(body, "pin_id", int))}
-
-    def _put_quota(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
-        limit = get_field(body, "limit_gb", (int, float))
-        if isinstance(limit, bool) or not 0 <= limit < 1 << 20:
-            raise ProtocolError("limit_gb must be a number >= 0")
-        self.service.set_quota(_salt_of(route), int(limit * 2**30))
-        return {"quotas": self.service.quotas()}
-
-    def _delete_quota(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
-        self.service.set_quota(_salt_of(route), None)
-        return {"quotas": self.service.quotas()}
-
-    def _authorized(self) -> bool:
-        return self.service.authorized(self.headers.get("Authorization", "").removeprefix("Bearer ").strip())
-
-    def _public_config(self) -> dict[str, Any]:
-        config = self.service.config.to_dict()
-        for secret in ("server_auth_token", "s3_secret_access_key", "s3_access_key_id"):
-            if config.get(secret):
-                config[secret] = "***"
-        return config
-
-    def _json(self, status: HTTPStatus, body: dict[str, Any]) -> None:
-        self._send(status, json.dumps(body, default=str).encode(), "application/json")
-
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http %s - %s", self.address_string(), format % args)
+        self.uvicorn.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(10)
+        self._socket.close()

@@ -16,6 +16,7 @@ import os
 import secrets
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,7 @@ from kvtier.tokens.keys import MAX_SALT_LENGTH, NAMESPACE_DIGEST_SIZE, CacheKey,
 log = logging.getLogger("kvtier.server")
 MAX_MODEL_NAME = 256
 MAX_ENGINES = 1024  # distinct (model, layout, world size, rank) served at once
+SECRET_KEYS = ("server_auth_token", "s3_secret_access_key", "s3_access_key_id")
 DEFAULT_TENANT = "_default"  # the tenant with no cache_salt, in listings and in /quota/<salt> paths
 
 NamespaceKey = tuple[str, KVLayout, int, int]
@@ -429,6 +431,18 @@ class CacheService:
             raise ProtocolError("tokens must be integers in [0, 2**32)")
         return np.asarray(tokens, dtype="<u4")
 
+    def public_config(self) -> dict[str, Any]:
+        """The configuration as anyone may see it (``/status`` needs no token): secrets and the passwords in
+        store URLs masked."""
+        config = self.config.to_dict()
+        for key in SECRET_KEYS:
+            if config.get(key):
+                config[key] = "***"
+        for key, value in config.items():
+            if key.endswith("_url") and isinstance(value, str):
+                config[key] = _without_password(value)
+        return config
+
     # -- status -------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         tiers = {t.name: vars_of(t.usage()) for t in self.storage.tiers}
@@ -464,6 +478,15 @@ class CacheService:
         if self.shm_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.shm_path)
+
+
+def _without_password(url: str) -> str:
+    """``url`` with the password of its user info (``redis://:secret@host``) replaced by ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
 
 
 def reply_to(request: Message, meta: dict[str, Any], payload: list[memoryview] | None = None) -> Message:

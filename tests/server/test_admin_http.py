@@ -1,0 +1,141 @@
+"""The admin HTTP API against malformed and hostile requests, over raw sockets: every one gets a prompt 4xx with a
+reason (or, for a client that goes away, nothing is done), and the server goes on serving."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from conftest import CHUNK, LAYOUT, InProcessServer, http_get
+from kvtier.protocol import layout_to_meta
+from servers import http_json
+
+NAMESPACE = {"model": "test-model", "layout": layout_to_meta(LAYOUT), "chunk_size": CHUNK}
+
+
+def raw_http(port: int, request: bytes, *, half_close: bool = False, timeout: float = 5.0) -> bytes:
+    """Send ``request`` as is; everything the server answers before closing (or ``timeout``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        received = b""
+        try:
+            sock.sendall(request)  # the server may answer (and close) before it has read everything
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+            while chunk := sock.recv(65536):
+                received += chunk
+                if b"\r\n\r\n" in received and _complete(received):
+                    break
+        except (TimeoutError, ConnectionResetError, BrokenPipeError):
+            pass
+        return received
+
+
+def _complete(response: bytes) -> bool:
+    head, _, body = response.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return False
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/") else 0
+
+
+def post(path: str, body: bytes, *, length: int | None = None, method: str = "POST") -> bytes:
+    size = len(body) if length is None else length
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+    return head.encode() + body
+
+
+def stored_chunks(server: InProcessServer) -> int:
+    return server.server.service.storage.memory.usage().chunks
+
+
+@pytest.fixture
+def server(inproc_server):  # type: ignore[no-untyped-def]
+    with inproc_server.client() as client:
+        client.store(list(range(64)), np.ones(LAYOUT.chunk_shape(64), np.float16))
+    return inproc_server
+
+
+HOSTILE_BODIES = {
+    "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+    "deep object": b'{"cache_salt":' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    "huge integer": b'{"pin_id":' + b"9" * 5000 + b"}",
+    "not JSON": b"{nope",
+    "a list": b"[1, 2]",
+    "invalid UTF-8": b'{"cache_salt": "\xff"}',
+    "wrong type": b'{"cache_salt": 5}',
+    "unknown field": b'{"cache_salt": "a", "everything": true}',
+}
+
+
+@pytest.mark.parametrize("path", ["/clear", "/delete", "/pin", "/unpin"])
+@pytest.mark.parametrize("body", list(HOSTILE_BODIES.values()), ids=list(HOSTILE_BODIES))
+def test_hostile_bodies_get_a_400_with_a_reason(server, path: str, body: bytes) -> None:
+    response = raw_http(server.http_port, post(path, body))
+    assert status_of(response) == 400, response[:300]
+    assert json.loads(response.partition(b"\r\n\r\n")[2])["error"]
+    assert stored_chunks(server) == 4  # nothing was cleared or deleted
+
+
+@pytest.mark.parametrize("limit", ['"x"', "null", "true", "[]", "-1", "1e400", "NaN"])
+def test_a_quota_that_is_not_a_number_gets_a_400(server, limit: str) -> None:
+    response = raw_http(server.http_port, post("/quota/t", f'{{"limit_gb": {limit}}}'.encode(), method="PUT"))
+    assert status_of(response) == 400, response[:300]
+
+
+def test_a_negative_content_length_is_refused_at_once(server) -> None:
+    started = time.monotonic()
+    response = raw_http(server.http_port, post("/clear", b"{}", length=-1))
+    assert 400 <= status_of(response) < 500 and time.monotonic() - started < 2.0
+    assert stored_chunks(server) == 4
+
+
+def test_a_body_cut_short_by_a_half_closed_connection_runs_nothing(server) -> None:
+    raw_http(server.http_port, post("/clear", b"{}", length=100), half_close=True)
+    time.sleep(0.2)
+    assert stored_chunks(server) == 4  # /clear did not run on a body that never arrived
+    assert http_get(server.http_port, "/healthcheck")[0] == 200
+
+
+def test_a_body_that_never_arrives_gets_a_408(server, monkeypatch) -> None:
+    monkeypatch.setattr("kvtier.server.http.BODY_TIMEOUT_SEC", 0.5)
+    started = time.monotonic()
+    response = raw_http(server.http_port, post("/clear", b"{", length=100))
+    assert status_of(response) == 408 and time.monotonic() - started < 3.0
+    assert stored_chunks(server) == 4
+
+
+def test_a_body_over_the_limit_gets_a_413_without_being_read(server) -> None:
+    started = time.monotonic()
+    response = raw_http(server.http_port, post("/delete", b"{", length=1 << 40))
+    assert status_of(response) == 413 and time.monotonic() - started < 2.0
+
+
+def test_oversized_headers_and_garbage_requests_get_4xx(server) -> None:
+    assert 400 <= status_of(raw_http(server.http_port, b"GARBAGE\r\n\r\n")) < 500
+    huge = b"GET /status HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 200_000 + b"\r\n\r\n"
+    answer = raw_http(server.http_port, huge)  # a 400, unless the reset of the unread rest overtook it
+    assert answer == b"" or 400 <= status_of(answer) < 500
+    assert http_get(server.http_port, "/healthcheck")[0] == 200
+
+
+def test_wrong_methods_and_paths_get_404_or_405_as_json(server) -> None:
+    for method, path, code in (("GET", "/clear", 405), ("POST", "/status", 405), ("GET", "/nope", 404)):
+        response = raw_http(server.http_port, f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert status_of(response) == code and json.loads(response.partition(b"\r\n\r\n")[2])["error"]
+
+
+def test_valid_requests_still_work_after_the_abuse(server) -> None:
+    for body in HOSTILE_BODIES.values():
+        raw_http(server.http_port, post("/clear", body))
+    status, pinned = http_json(server.http_port, "POST", "/pin", {**NAMESPACE, "tokens": list(range(64))})
+    assert status == 200 and pinned["pinned_tokens"] == 64
+    assert http_json(server.http_port, "POST", "/unpin", {"pin_id": pinned["pin_id"]}) == (200, {"unpinned": True})
+    assert http_json(server.http_port, "POST", "/clear") == (200, {"cleared_chunks": 8})
