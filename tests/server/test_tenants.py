@@ -82,3 +82,11 @@ def test_clear_by_tenant_still_finds_the_tenants_disk_chunks(inproc_server) -> N
 
 def tenant_id(server, salt: str) -> str:  # type: ignore[no-untyped-def]
     return server.server.service.tenant_id(salt)
+
+
+def test_any_salt_can_be_addressed_in_a_path(inproc_server) -> None:
+    """URL-encoded, a salt may hold slashes and newlines (found by fuzzing: a newline used to give a 404)."""
+    with inproc_server.client() as client:
+        client.store(list(range(16)), np.ones(LAYOUT.chunk_shape(16), np.float16), cache_salt="a/b\nc")
+    status, body = http_json(inproc_server.http_port, "GET", "/quota/a%2Fb%0Ac")
+    assert status == 200 and body["used_bytes"] == LAYOUT.chunk_bytes(16)

@@ -19,19 +19,22 @@ import asyncio
 import logging
 import socket
 import threading
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvtier import __version__
 from kvtier.errors import KVTierError
+from kvtier.memory.layout import DTYPES_BY_NAME
 from kvtier.protocol import MAX_LAYOUT_DIM, ProtocolError, parse_json_object
 from kvtier.server.service import DEFAULT_TENANT, MAX_MODEL_NAME, CacheService
 from kvtier.tokens.keys import MAX_SALT_LENGTH
@@ -40,6 +43,7 @@ log = logging.getLogger("kvtier.server")
 MAX_BODY_BYTES = 64 << 20  # a /delete or /pin body lists at most server_max_tokens ids
 BODY_TIMEOUT_SEC = 10.0  # a body must arrive within this long once its headers have
 MAX_CONNECTIONS = 128  # beyond this many open connections uvicorn answers 503
+DTYPE_NAMES = tuple(DTYPES_BY_NAME)
 
 
 # -- request and reply models (the OpenAPI document is generated from these) --------------------------------
@@ -55,7 +59,7 @@ class LayoutBody(_Strict):
     num_layers: int = Field(ge=1, le=MAX_LAYOUT_DIM)
     num_kv_heads: int = Field(ge=1, le=MAX_LAYOUT_DIM)
     head_dim: int = Field(ge=1, le=MAX_LAYOUT_DIM)
-    dtype: str = Field("float16", max_length=32)
+    dtype: Literal[DTYPE_NAMES] = "float16"  # type: ignore[valid-type]
     kv_size: int = Field(2, ge=1, le=2)
 
 
@@ -111,6 +115,10 @@ class Health(BaseModel):
     status: str
 
 
+class ErrorReply(BaseModel):
+    error: str = Field(description="why the request was refused")
+
+
 # -- the app ------------------------------------------------------------------------------------------------
 def create_app(service: CacheService, ready: threading.Event) -> ASGIApp:
     """The admin API over ``service``; ``ready`` tells the health check whether the server serves yet."""
@@ -142,20 +150,20 @@ def create_app(service: CacheService, ready: threading.Event) -> ASGIApp:
         return {"quotas": service.quotas()}
 
     @app.get(
-        "/quota/{cache_salt:path}", response_model=TenantQuota, summary="One tenant's quota and use (_default: no salt)"
+        "/quota/{cache_salt:salt}", response_model=TenantQuota, summary="One tenant's quota and use (_default: no salt)"
     )
     def tenant_quota(cache_salt: str) -> Any:
         return service.tenant_quota(_salt(cache_salt))
 
     @app.put(
-        "/quota/{cache_salt:path}", response_model=Quotas, dependencies=admin, summary="Set a tenant's memory quota"
+        "/quota/{cache_salt:salt}", response_model=Quotas, dependencies=admin, summary="Set a tenant's memory quota"
     )
     def put_quota(cache_salt: str, body: QuotaBody) -> Any:
         service.set_quota(_salt(cache_salt), int(body.limit_gb * 2**30))
         return {"quotas": service.quotas()}
 
     @app.delete(
-        "/quota/{cache_salt:path}", response_model=Quotas, dependencies=admin, summary="Remove a tenant's quota"
+        "/quota/{cache_salt:salt}", response_model=Quotas, dependencies=admin, summary="Remove a tenant's quota"
     )
     def delete_quota(cache_salt: str) -> Any:
         service.set_quota(_salt(cache_salt), None)
@@ -179,9 +187,47 @@ def create_app(service: CacheService, ready: threading.Event) -> ASGIApp:
         return {"unpinned": service.unpin(body.pin_id)}
 
     _add_error_handlers(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return BoundedBody(app)
 
 
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's generated document, with the errors this API really answers: 400 (not FastAPI's 422) with
+    ``{"error"}`` for bad input, 401 for a missing token, 408/413 for a body too slow or too large."""
+    if app.openapi_schema is None:
+        spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorReply"}}}}
+        for operation in (op for path in spec["paths"].values() for op in path.values()):
+            responses = operation["responses"]
+            if responses.pop("422", None) is not None:
+                responses["400"] = {"description": "bad input: the reason", **error}
+            if "requestBody" in operation:
+                responses["408"] = {"description": "the body did not arrive in time", **error}
+                responses["413"] = {"description": "the body is too large", **error}
+            if "security" in operation:
+                responses["401"] = {"description": "missing or wrong bearer token", **error}
+        schemas = spec["components"]["schemas"]
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        schemas["ErrorReply"] = ErrorReply.model_json_schema()
+        app.openapi_schema = spec
+    return app.openapi_schema
+
+
+class _SaltConvertor(Convertor[str]):
+    """A tenant salt in a path (URL-encoded): any characters, slashes and newlines included (Starlette's own
+    ``path`` convertor stops at a newline, and so could not address every salt)."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("salt", _SaltConvertor())
 BEARER = HTTPBearer(auto_error=False)
 
 
