@@ -32,7 +32,7 @@ PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<4sHBBQIII")  # + header CRC-32 (u32)
 FRAME_HEADER_SIZE = HEADER.size + 4
 MAX_META_BYTES = 64 * 1024
-MAX_KEYS = 1024  # chunk keys in one key-level request (each ~100 bytes of meta)
+MAX_KEYS = 512  # chunk keys in one key-level request: each is ~100 bytes of JSON, and meta is at most 64 KiB
 MAX_LAYOUT_DIM = 1 << 16  # layers, KV heads or head size of a layout a peer describes
 MAX_BYTES_PER_TOKEN = 1 << 24  # 16 MiB of KV per token: 100x the largest models' (Llama-3-405B fp16: 504 KiB)
 

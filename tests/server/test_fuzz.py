@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import CHUNK, LAYOUT
-from kvtier.protocol import FRAME_HEADER_SIZE, Message, Op, Status, decode, encode, layout_to_meta
+from kvtier.protocol import FRAME_HEADER_SIZE, MAX_KEYS, Message, Op, Status, decode, encode, layout_to_meta
 
 NAMESPACE = {"model": "test-model", "layout": layout_to_meta(LAYOUT), "chunk_size": CHUNK}
 
@@ -171,3 +171,159 @@ def test_one_hostile_message_is_answered_and_the_server_lives(inproc_server, met
     assert reply.status == Status.BAD_REQUEST and reply.request_id == 41
     assert inproc_server.thread.is_alive()
     check_good_client(inproc_server, 5)
+
+
+# -- structure-aware: every field of every op, hostile values, frames that lie -------------------------------
+TOKENS = np.arange(48, dtype="<u4").tobytes()
+KEY = "00" * 16 + "/" + "11" * 32
+
+
+def op_templates() -> list[tuple[Op, dict, list[bytes]]]:
+    """A valid request of every op (meta and payload), each field of which is then replaced."""
+    kv = bytes(LAYOUT.chunk_bytes(48))
+    session = {"session": "kvtier-client-1-" + "a" * 32}
+    return [
+        (Op.PING, {}, []),
+        (Op.LOOKUP, {**NAMESPACE, "pin": True, "cache_salt": "t"}, [TOKENS]),
+        (Op.STORE, {**NAMESPACE, "skip_tokens": 0}, [TOKENS, kv]),
+        (Op.RETRIEVE, {**NAMESPACE, "skip_tokens": 16}, [TOKENS]),
+        (Op.PREFETCH, dict(NAMESPACE), [TOKENS]),
+        (Op.DELETE, dict(NAMESPACE), [TOKENS]),
+        (Op.CLEAR, {}, []),
+        (Op.STATS, {}, []),
+        (Op.RELEASE, {**NAMESPACE, "lease": 3}, []),
+        (Op.EXISTS_KEYS, {"keys": [KEY]}, []),
+        (Op.GET_KEYS, {"keys": [KEY]}, []),
+        (Op.PUT_KEYS, {"keys": [KEY], "namespaces": {}}, [b"x" * 200]),
+        (Op.DELETE_KEYS, {"keys": [KEY]}, []),
+        (Op.SHM_INFO, {}, []),
+        (Op.STORE_RESERVE, {**NAMESPACE, **session}, [TOKENS]),
+        (Op.STORE_COMMIT, {"lease": 5}, []),
+        (Op.RETRIEVE_PIN, dict(NAMESPACE), [TOKENS]),
+        (Op.SHM_RELEASE, {"lease": 5}, []),
+    ]
+
+
+def deep(levels: int) -> object:
+    value: object = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+HOSTILE_VALUES: list[object] = [
+    None,
+    True,
+    -1,
+    2**64 - 1,
+    -(2**63),
+    1.5,
+    1e308,
+    "",
+    "x",
+    "é" * 2000,
+    "../../../../etc/passwd",
+    "\x00",
+    [],
+    [None, 1, "a"],
+    {},
+    {"a": {"b": {"c": []}}},
+    deep(400),  # parses (below the recursion limit), then meets every field's checks
+]
+
+
+def hostile_variants() -> list[tuple[str, list[bytes]]]:
+    """Every field of every op (and of the layout) replaced by every hostile value, plus the field removed."""
+    variants = []
+    for op, meta, payload in op_templates():
+        paths = [(k,) for k in meta] + [("layout", k) for k in meta.get("layout", {})] + [("auth",)]
+        for path in paths:
+            for value in [*HOSTILE_VALUES, REMOVE]:
+                changed = json.loads(json.dumps(meta))
+                target = changed if len(path) == 1 else changed.setdefault(path[0], {})
+                if not isinstance(target, dict):
+                    continue
+                if value is REMOVE:
+                    target.pop(path[-1], None)
+                else:
+                    target[path[-1]] = value
+                frames = [bytes(f) for f in encode(Message(op, 9, changed, payload))]
+                variants.append((f"{op.name}.{'.'.join(path)}={str(value)[:20]}", frames))
+    return variants
+
+
+REMOVE = object()
+
+
+def lying_frames() -> list[tuple[str, list[bytes]]]:
+    """Messages whose sizes and counts lie: header frame counts, token and KV frame lengths, chunk headers
+    whose payload size is not what follows, duplicate meta keys, the most keys and tokens allowed and more."""
+    from kvtier.codecs.chunk_format import ChunkHeader
+    from kvtier.tokens.keys import Namespace
+
+    def frames(op: Op, meta: dict, payload: list[bytes]) -> list[bytes]:
+        return [bytes(f) for f in encode(Message(op, 11, meta, payload))]
+
+    def recount(msg: list[bytes], count: int) -> list[bytes]:
+        head = bytearray(msg[0])
+        head[20:24] = count.to_bytes(4, "little")
+        head[-4:] = zlib.crc32(bytes(head[:-4])).to_bytes(4, "little")
+        return [bytes(head), *msg[1:]]
+
+    ns = Namespace("test-model", LAYOUT.descriptor())
+    key = ns.key(bytes(32))
+    lying_header = ChunkHeader(key.id, LAYOUT, 16, LAYOUT.chunk_bytes(16), 0).encode()
+    put = {"keys": [key.to_str()], "namespaces": {ns.digest.hex(): ns.fields()}}
+    many_keys = {"keys": [KEY] * MAX_KEYS}
+    return [
+        ("frame count u32 max", recount(frames(Op.PING, {}, []), 2**32 - 1)),
+        ("frame count short", recount(frames(Op.STORE, dict(NAMESPACE), [TOKENS, b""]), 1)),
+        ("token frame not whole u32s", frames(Op.LOOKUP, dict(NAMESPACE), [TOKENS + b"x"])),
+        ("more tokens than allowed", frames(Op.LOOKUP, dict(NAMESPACE), [bytes(4 * ((1 << 20) + 1))])),
+        ("KV one byte short", frames(Op.STORE, dict(NAMESPACE), [TOKENS, bytes(LAYOUT.chunk_bytes(48) - 1)])),
+        ("KV one byte long", frames(Op.STORE, dict(NAMESPACE), [TOKENS, bytes(LAYOUT.chunk_bytes(48) + 1)])),
+        ("chunk header, no payload", frames(Op.PUT_KEYS, put, [lying_header])),
+        ("chunk header, half payload", frames(Op.PUT_KEYS, put, [lying_header + bytes(LAYOUT.chunk_bytes(8))])),
+        ("chunk payload fails its CRC", frames(Op.PUT_KEYS, put, [lying_header + b"\x01" * LAYOUT.chunk_bytes(16)])),
+        ("more value frames than keys", frames(Op.PUT_KEYS, put, [b"", b""])),
+        ("the most keys allowed", frames(Op.GET_KEYS, many_keys, [])),
+        ("one key more", frames(Op.EXISTS_KEYS, {"keys": [KEY] * (MAX_KEYS + 1)}, [])),
+        ("duplicate meta keys", reframe(frames(Op.PING, {}, []), b'{"model":"a","model":"b"}')),
+        ("meta of 64 KiB + 1", reframe(frames(Op.PING, {}, []), b'{"x":"' + b"a" * 65531 + b'"}')),
+    ]
+
+
+def exchange_all(port: int, messages: list[tuple[str, list[bytes]]]) -> dict[str, int]:
+    """Send each message and wait for its answer: replies by status name; a message with no reply fails."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    statuses: dict[str, int] = {}
+    try:
+        for name, frames in messages:
+            sock.send_multipart(frames)
+            assert sock.poll(5000), f"no reply to {name}"
+            reply = decode(sock.recv_multipart())
+            assert reply.status != Status.INTERNAL, (name, reply.meta)
+            statuses[reply.status.name] = statuses.get(reply.status.name, 0) + 1
+    finally:
+        sock.close()
+    return statuses
+
+
+def test_every_field_of_every_op_with_hostile_values(inproc_server) -> None:
+    """Each field of each op's meta, the layout's fields and the auth field, replaced by each hostile value or
+    removed: every message is answered (OK or a client error, never INTERNAL), the server serves on."""
+    variants = hostile_variants()
+    statuses = exchange_all(inproc_server.port, variants)
+    print(f"\nstructure-aware protocol fuzzing: {len(variants)} messages, replies {statuses}")
+    assert len(variants) > 1500 and sum(statuses.values()) == len(variants)
+    check_good_client(inproc_server, 7)
+
+
+def test_frames_that_lie_about_their_length(inproc_server) -> None:
+    cases = lying_frames()
+    statuses = exchange_all(inproc_server.port, cases)
+    assert statuses.get("OK", 0) == 1  # the lookup of the most keys allowed
+    print(f"\nlying frames: {len(cases)} messages, replies {statuses}")
+    check_good_client(inproc_server, 8)

@@ -115,3 +115,20 @@ def test_put_keys_without_a_matching_namespace_is_refused(server: InProcessServe
         assert connection.put_keys([key.to_str()], [value], {ns.digest.hex(): ns.fields()}) == 1
     finally:
         connection.close()
+
+
+def test_a_prompt_of_more_chunks_than_one_request_holds_is_found(server: InProcessServer) -> None:
+    """A lookup of 1,100 chunks is split into requests whose key list fits a meta frame (at 1024 keys a batch
+    was 102 KB, over the 64 KiB limit: every such lookup was a silent miss)."""
+    layout = KVLayout(1, 1, 4)
+    overrides = {"chunk_size": 1, "remote_url": f"kvtier://127.0.0.1:{server.port}", "max_local_cpu_size": 0.01}
+    tokens = list(range(1100))
+    kv = np.random.default_rng(0).standard_normal(layout.chunk_shape(1100)).astype(np.float16)
+    srv_config = server.server.service.config
+    assert srv_config.chunk_size == CHUNK  # the kvtier:// tier is key-level: any client chunk size works
+    with CacheEngine(load_config(env={}, overrides=overrides), layout, model_name="long") as a:
+        a.store(tokens, kv)
+        assert a.flush(60)
+    with CacheEngine(load_config(env={}, overrides=overrides), layout, model_name="long") as b:
+        got = b.retrieve(tokens)
+        assert got.hit_tokens == 1100 and np.array_equal(got.kv.view(np.uint16), kv.view(np.uint16))
