@@ -181,7 +181,7 @@ KEY = "00" * 16 + "/" + "11" * 32
 def op_templates() -> list[tuple[Op, dict, list[bytes]]]:
     """A valid request of every op (meta and payload), each field of which is then replaced."""
     kv = bytes(LAYOUT.chunk_bytes(48))
-    session = {"session": "kvtier-client-1-" + "a" * 32}
+    session = {"session": "kvtier-client-1-" + "a" * 32, "reservation": 4, "done_below": 2}
     return [
         (Op.PING, {}, []),
         (Op.LOOKUP, {**NAMESPACE, "pin": True, "cache_salt": "t"}, [TOKENS]),

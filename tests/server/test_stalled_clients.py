@@ -17,7 +17,7 @@ import pytest
 
 from conftest import LAYOUT, InProcessServer
 from kvtier.client import KVTierClient
-from kvtier.protocol import shared_memory_dir
+from kvtier.protocol import Op, shared_memory_dir
 
 LEASE_SEC = 0.3
 
@@ -187,3 +187,29 @@ def test_a_client_removes_its_liveness_file_when_closed(server) -> None:
         path = os.path.join(shared_memory_dir(), client._session.name)  # type: ignore[union-attr]
         assert os.path.exists(path)
     assert not os.path.exists(path)
+
+
+def test_a_reservation_whose_reply_was_lost_is_not_held_until_the_client_exits(server) -> None:
+    """The first STORE_RESERVE's reply is lost (the client timed out; the server had reserved): the client never
+    learnt the offsets, so it can never write there. Its next reservation tells the server which of its earlier
+    ones are finished, and the orphan is released instead of being held for as long as the writer lives."""
+    pool = server.server.service.storage.pool
+    with server.client(shared_memory=True) as client:
+        exchange = client.connection._exchange
+        lost = []
+
+        def lose_first_reserve(message):  # type: ignore[no-untyped-def]
+            reply = exchange(message)
+            if message.op == Op.STORE_RESERVE and not lost:
+                lost.append(reply)
+                return None  # as if it timed out: the client retries
+            return reply
+
+        client.connection._exchange = lose_first_reserve  # type: ignore[method-assign]
+        assert client.store(list(range(48)), kv_of(12)).stored_tokens == 48
+        assert lost and len(server.server.service.shm_leases) == 1  # the orphan
+        time.sleep(LEASE_SEC * 2)
+        client.store(list(range(2000, 2048)), kv_of(13))
+        wait_for_leases(server, 0)
+        client.clear()
+    assert pool.used_bytes == 0

@@ -199,9 +199,10 @@ class Calls:
         return self._call(Op.SHM_INFO, {}, lambda r: _pool_path(r.meta), [])
 
     def store_reserve(
-        self, tokens: Any, kv: np.ndarray, skip_tokens: int, cache_salt: str, session: str
+        self, tokens: Any, kv: np.ndarray, skip_tokens: int, cache_salt: str, session: str, number: int, done_below: int
     ) -> Call[Reservation]:
-        """``session``: the name of this client's liveness file (see ``server/shared_memory.py``)."""
+        """``session``: this client's liveness file; ``number``: this reservation's; ``done_below``: every
+        reservation of this client numbered below it is finished (see ``client.WriterSession``)."""
         encoded = self._check_kv(tokens, kv)
         n = len(encoded) // 4
 
@@ -215,7 +216,13 @@ class Calls:
             lease = _field(reply.meta, "lease", int)
             return Reservation(lease, _pool_path(reply.meta), chunks, _count(reply.meta, "dropped_tokens", n))
 
-        meta = {"cache_salt": cache_salt, "skip_tokens": skip_tokens, "session": session}
+        meta = {
+            "cache_salt": cache_salt,
+            "skip_tokens": skip_tokens,
+            "session": session,
+            "reservation": number,
+            "done_below": done_below,
+        }
         return self._call(Op.STORE_RESERVE, meta, parse, [encoded])
 
     def store_commit(self, lease: int, num_tokens: int) -> Call[StoreReply]:

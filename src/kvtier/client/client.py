@@ -85,9 +85,14 @@ class SharedArena:
 
 
 class WriterSession:
-    """This process's liveness as a server sees it, for memory it reserved and may still write: a file in the
-    shared-memory directory that it holds a ``flock`` on while it runs (the kernel drops the lock when the
-    process ends, however it ends). A server never reuses a reservation whose writer still holds its lock."""
+    """What a server needs to know about this client's writes into its shared memory.
+
+    Liveness: a file in the shared-memory directory that this process holds a ``flock`` on while it runs (the
+    kernel drops the lock when the process ends, however it ends); a server never reuses a reservation whose
+    writer still holds its lock. Progress: each reservation has a number (:meth:`begin`), and every
+    ``STORE_RESERVE`` says below which number all of this client's reservations are finished
+    (:meth:`done_below`), so the server can release the ones whose reply was lost, which nobody will write.
+    """
 
     def __init__(self) -> None:
         name = f"kvtier-client-{os.getpid()}-{uuid.uuid4().hex}"
@@ -97,7 +102,26 @@ class WriterSession:
         fcntl.flock(fd, fcntl.LOCK_SH)
         os.rename(pending, final)
         self.name = name
+        self._next = itertools.count()
+        self._open: set[int] = set()  # reservations asked for and not finished: they may be written
+        self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _end_session, final, fd)
+
+    def begin(self) -> int:
+        """Number a new reservation; it counts as open before the server hears of it."""
+        with self._lock:
+            number = next(self._next)
+            self._open.add(number)
+            return number
+
+    def end(self, number: int) -> None:
+        """Reservation ``number`` is committed, handed back or lost: this client writes into it no more."""
+        with self._lock:
+            self._open.discard(number)
+
+    def done_below(self) -> int:
+        with self._lock:
+            return min(self._open, default=0)
 
     def close(self) -> None:
         self._finalizer()
@@ -298,18 +322,23 @@ class KVTierClient:
         return self._arena
 
     def _store_shared(self, tokens: Any, kv: np.ndarray, skip_tokens: int, cache_salt: str) -> StoreReply:
-        if self._session is None:
-            self._session = WriterSession()
-        call = self.calls.store_reserve(tokens, kv, skip_tokens, cache_salt, self._session.name)
-        reserved = self.connection.call(call)
+        session = self._session = self._session or WriterSession()
+        number = session.begin()
         try:
-            arena = self._arena_for(reserved.path)
-            self._copy_chunks([(arena.view(self.layout, c), kv[:, :, c.start : c.end]) for c in reserved.chunks])
-        except BaseException:  # no copy goes on: hand the reservation back now rather than when this process exits
-            with contextlib.suppress(Exception):
-                self.connection.call(self.calls.shm_release(reserved.lease))
-            raise
-        return self.connection.call(self.calls.store_commit(reserved.lease, int(kv.shape[2])))
+            call = self.calls.store_reserve(
+                tokens, kv, skip_tokens, cache_salt, session.name, number, session.done_below()
+            )
+            reserved = self.connection.call(call)
+            try:
+                arena = self._arena_for(reserved.path)
+                self._copy_chunks([(arena.view(self.layout, c), kv[:, :, c.start : c.end]) for c in reserved.chunks])
+            except BaseException:  # no copy goes on: hand it back now, not when this process exits
+                with contextlib.suppress(Exception):
+                    self.connection.call(self.calls.shm_release(reserved.lease))
+                raise
+            return self.connection.call(self.calls.store_commit(reserved.lease, int(kv.shape[2])))
+        finally:
+            session.end(number)
 
     def _copy_chunks(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
         """``np.copyto(dst, src)`` for each pair; large chunks on two threads (numpy releases the GIL, and one

@@ -310,9 +310,11 @@ class CacheService:
         writer = writer_path(get_field(request.meta, "session", str))
         if writer is None:
             raise ProtocolError("session must name the client's liveness file (kvtier-client-<pid>-<32 hex>)")
+        number, done_below = get_field(request.meta, "reservation", int), get_field(request.meta, "done_below", int)
+        self.shm_leases.settle(writer, done_below)  # orphans first: their memory may be what this one needs
         reservation = engine.reserve(tokens, mask=self._mask(request, len(tokens)), cache_salt=self._salt(request.meta))
         lease = self.shm_leases.open(
-            lambda: engine.abandon(reservation), lambda: engine.commit(reservation), writer=writer
+            lambda: engine.abandon(reservation), lambda: engine.commit(reservation), writer=writer, number=number
         )
         chunks = [[c.start, c.end, o.offset] for c, o in zip(reservation.chunks, reservation.objs, strict=True)]
         meta = {"lease": lease, "chunks": chunks, "dropped_tokens": reservation.dropped_tokens, "path": self.shm_path}

@@ -13,7 +13,9 @@ the cache serve wrong KV:
   into that memory, so it is never handed to anyone else. A late ``STORE_COMMIT`` still publishes it (the copy
   is complete by then); once the writer has exited it is released. Liveness is a file the client creates in the
   shared-memory directory and holds a ``flock`` on while its process lives (``kvtier-client-<pid>-<id>``): the
-  kernel drops the lock when the process dies, however it dies, in any PID namespace.
+  kernel drops the lock when the process dies, however it dies, in any PID namespace. A reservation whose reply
+  was lost (the client timed out) is never written: the client numbers its reservations and each
+  ``STORE_RESERVE`` says below which number all of them are finished, so such orphans are released then.
 
 Clients are trusted with the file's contents (it is created 0600, readable by the server's user only), as
 with any shared-memory transport; the socket-level checks (auth, sizes) still apply to every request.
@@ -100,6 +102,7 @@ class ShmLease:
     deadline: float
     commit: Callable[[], StoreResult] | None = None  # for a reservation: publish it
     writer: str | None = None  # a reservation's writer's liveness file
+    number: int = 0  # the writer's number for this reservation
     stalled: bool = False  # a write lease past its deadline, held because its writer lives
 
 
@@ -117,11 +120,22 @@ class ShmLeaseTable:
         release: Callable[[], None],
         commit: Callable[[], StoreResult] | None = None,
         writer: str | None = None,
+        number: int = 0,
     ) -> int:
         lease_id = secrets.randbits(62)  # another client cannot commit or release it by guessing
         with self._lock:
-            self._leases[lease_id] = ShmLease(release, time.monotonic() + self.ttl_sec, commit, writer)
+            self._leases[lease_id] = ShmLease(release, time.monotonic() + self.ttl_sec, commit, writer, number)
         return lease_id
+
+    def settle(self, writer: str, done_below: int) -> int:
+        """Release ``writer``'s reservations numbered below ``done_below``: it says it writes none of them any
+        more (their reply was lost, most likely, so it never learnt where they are). Returns how many."""
+        with self._lock:
+            done = [i for i, lease in self._leases.items() if lease.writer == writer and lease.number < done_below]
+            leases = [self._leases.pop(i) for i in done]
+        for lease in leases:
+            lease.release()
+        return len(leases)
 
     def take(self, lease_id: int) -> ShmLease | None:
         """Remove and return a lease that was not released (the caller commits or releases it)."""
