@@ -131,7 +131,8 @@ class KVTierConfig:
     server_max_inflight: int = 64
     """Requests the server accepts at once; beyond it clients are told to back off (status BUSY)."""
     server_max_request_mb: int = 1024
-    """Largest request message in MiB; larger ones are dropped by the transport."""
+    """Largest message in MiB: larger requests are dropped by the transport; a reply is kept within it (a
+    retrieve over TCP then returns a shorter prefix, a key-level read answers the rest as misses)."""
     server_max_inflight_mb: int = 2048
     """MiB of request payloads the server holds in progress; beyond it clients are told BUSY."""
     server_max_tokens: int = 1 << 20

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvtier.config import GiB, load_config
 from kvtier.engine import CacheEngine
+from kvtier.engine.cache_engine import MAX_NAMESPACES
 from kvtier.errors import LayoutError
 from kvtier.memory.layout import KVLayout
 
@@ -688,6 +689,18 @@ def test_corrupt_middle_chunk_truncates_the_hit(make_engine):
 
 
 # -- isolation -----------------------------------------------------------------------------------------
+
+
+def test_namespaces_of_many_salts_stay_bounded(make_engine):
+    """A server engine sees whatever salts clients send: its table of namespaces must not grow with them (10,000
+    distinct salts used to keep 10,000 entries), while a salt in use keeps working."""
+    engine = make_engine()
+    tokens = list(range(32))
+    store_kv(engine, tokens, cache_salt="kept")
+    for i in range(10_000):
+        engine.lookup(tokens, cache_salt=f"salt-{i}")
+    assert len(engine._namespaces) <= MAX_NAMESPACES
+    assert engine.lookup(tokens, cache_salt="kept").hit_tokens == 32
 
 
 def test_cache_salt_isolation(make_engine):

@@ -139,3 +139,30 @@ def test_valid_requests_still_work_after_the_abuse(server) -> None:
     assert status == 200 and pinned["pinned_tokens"] == 64
     assert http_json(server.http_port, "POST", "/unpin", {"pin_id": pinned["pin_id"]}) == (200, {"unpinned": True})
     assert http_json(server.http_port, "POST", "/clear") == (200, {"cleared_chunks": 8})
+
+
+def test_pins_and_quotas_are_bounded(server, monkeypatch) -> None:
+    """Each pin holds memory until unpinned and each quota is an entry per tenant: both are capped, so a token
+    holder's script gone wrong cannot grow them without end."""
+    monkeypatch.setattr("kvtier.server.service.MAX_ADMIN_PINS", 3)
+    monkeypatch.setattr("kvtier.server.service.MAX_QUOTAS", 2)
+    prompt = {**NAMESPACE, "tokens": list(range(64))}
+    pins = [http_json(server.http_port, "POST", "/pin", prompt) for _ in range(4)]
+    assert [status for status, _ in pins] == [200, 200, 200, 400] and "unpin" in pins[3][1]["error"]
+    assert http_json(server.http_port, "POST", "/unpin", {"pin_id": pins[0][1]["pin_id"]})[0] == 200
+    assert http_json(server.http_port, "POST", "/pin", prompt)[0] == 200
+    statuses = [http_json(server.http_port, "PUT", f"/quota/t{i}", {"limit_gb": 1})[0] for i in range(3)]
+    assert statuses == [200, 200, 400]
+    assert http_json(server.http_port, "PUT", "/quota/t0", {"limit_gb": 2})[0] == 200  # changing one is fine
+
+
+def test_an_unauthenticated_client_never_makes_the_server_read_a_body(tmp_path) -> None:
+    """A mutating request without the token is refused on its headers: its body (here one that never comes) is
+    not waited for, read or parsed."""
+    server = InProcessServer(tmp_path / "disk", server_auth_token="t0ken")
+    try:
+        started = time.monotonic()
+        response = raw_http(server.http_port, post("/delete", b"[", length=10 << 20))
+        assert status_of(response) == 401 and time.monotonic() - started < 2.0
+    finally:
+        server.stop()

@@ -378,3 +378,29 @@ def test_pools_and_writer_files_left_by_dead_processes_are_removed(tmp_path) -> 
         assert remove_stale_files(str(tmp_path)) == 2
     assert not stale.exists() and not dead_writer.exists()
     assert alive.exists() and other.exists() and live_writer.exists()
+
+
+def test_replies_stay_within_the_message_limit(tmp_path) -> None:
+    """A retrieve over TCP of a prefix larger than server_max_request_mb comes back as the longest prefix that
+    fits, and a key-level read answers keys past the limit as misses: no reply is built bigger than a request
+    may be (it used to be the whole cached prefix, whatever its size)."""
+    from conftest import InProcessServer
+    from kvtier.client.client import Connection
+
+    server = InProcessServer(tmp_path / "disk", server_max_request_mb=1)
+    tokens, kv = list(range(8192)), kv_for(21, 8192)  # 2 MiB of KV, 512 chunks
+    try:
+        with server.client(shared_memory=True) as writer:  # a store this size over TCP would exceed the limit
+            assert writer.store(tokens, kv).stored_tokens == 8192
+        with server.client(shared_memory=False, timeout=30) as client:
+            got = client.retrieve(tokens)
+            assert got.hit_tokens == 4096 and same_bits(got.kv, kv[:, :, :4096])  # 1 MiB of it
+            assert client.retrieve(tokens, skip_tokens=4096).hit_tokens == 0  # skip beyond what fits
+        keys = [k.to_str() for k in server.server.service.storage.memory.keys()]  # noqa: SIM118 (a method)
+        connection = Connection(server.url, timeout=30)
+        values = connection.get_keys(keys[:512])
+        connection.close()
+        found = [v for v in values if v is not None]
+        assert 0 < len(found) < 512 and sum(len(v) for v in found) <= (1 << 20) + 4096 + 128
+    finally:
+        server.stop()

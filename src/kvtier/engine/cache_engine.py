@@ -36,6 +36,7 @@ from kvtier.tokens.keys import CacheKey, Namespace
 log = logging.getLogger("kvtier")
 # Below this chunk size, handing a copy to another thread costs more than the copy itself.
 PARALLEL_COPY_MIN_BYTES = 1 << 20
+MAX_NAMESPACES = 4096  # tenants' namespaces an engine keeps built
 
 
 @dataclass(slots=True)
@@ -98,10 +99,14 @@ class CacheEngine:
 
     # -- keys ---------------------------------------------------------------------------------------
     def namespace(self, cache_salt: str = "") -> Namespace:
+        """The namespace of tenant ``cache_salt``. Namespaces are kept for reuse (their digest costs a hash),
+        at most ``MAX_NAMESPACES`` of them: a server's clients may send any number of salts."""
         ns = self._namespaces.get(cache_salt)
         if ns is None:
             base = self._base_namespace
             ns = Namespace(base.model_name, base.layout, base.world_size, base.rank, cache_salt)
+            if len(self._namespaces) >= MAX_NAMESPACES:
+                self._namespaces = {"": self._base_namespace}  # start over: rebuilding one is cheap
             self._namespaces[cache_salt] = ns
         return ns
 

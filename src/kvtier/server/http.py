@@ -19,6 +19,7 @@ import asyncio
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import uvicorn
@@ -188,7 +189,7 @@ def create_app(service: CacheService, ready: threading.Event) -> ASGIApp:
 
     _add_error_handlers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    return BoundedBody(app)
+    return BoundedBody(app, service.authorized)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -269,18 +270,26 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 class BoundedBody:
-    """ASGI middleware: read a request's whole body before the app runs, at most ``MAX_BODY_BYTES`` (413) and
-    within ``BODY_TIMEOUT_SEC`` (408), check it is strict JSON (400), then hand it to the app. A client that
-    disconnects before its body is complete gets nothing run."""
+    """ASGI middleware: refuse a mutating request without the token on its headers (401: an unauthenticated
+    client never makes the server read a body), read the body whole before the app runs, at most
+    ``MAX_BODY_BYTES`` (413) and within ``BODY_TIMEOUT_SEC`` (408), check it is strict JSON (400), then hand it
+    to the app. A client that disconnects before its body is complete gets nothing run."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, authorized: Callable[[str | None], bool]) -> None:
         self.app = app
+        self.authorized = authorized
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            given = headers.get(b"authorization", b"").decode("latin-1").removeprefix("Bearer ").strip()
+            if not self.authorized(given or None):
+                await _error(send, 401, "missing or wrong bearer token")
+                return
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             await _error(send, 413, f"body larger than {MAX_BODY_BYTES} bytes")
             return

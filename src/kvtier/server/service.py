@@ -38,6 +38,8 @@ from kvtier.tokens.keys import MAX_SALT_LENGTH, NAMESPACE_DIGEST_SIZE, CacheKey,
 log = logging.getLogger("kvtier.server")
 MAX_MODEL_NAME = 256
 MAX_ENGINES = 1024  # distinct (model, layout, world size, rank) served at once
+MAX_ADMIN_PINS = 1024  # prompts pinned through the admin API at once (each holds memory until unpinned)
+MAX_QUOTAS = 4096  # tenants with a memory quota
 SECRET_KEYS = ("server_auth_token", "s3_secret_access_key", "s3_access_key_id")
 DEFAULT_TENANT = "_default"  # the tenant with no cache_salt, in listings and in /quota/<salt> paths
 
@@ -57,6 +59,7 @@ class CacheService:
         self.shm_leases = ShmLeaseTable(config.server_lease_sec)
         self.server_metrics.shm_leases.add_source(self._lease_counts)
         self.started = time.time()
+        self._max_reply_bytes = config.server_max_request_mb << 20  # the largest message, either way
         self._tenant_key = secrets.token_bytes(32)  # for tenant_id: ids stable for this server's lifetime only
         self.auth_token = config.auth_token()  # read once: both planes check this value, whatever the file does
         self._engines: dict[NamespaceKey, CacheEngine] = {}
@@ -197,7 +200,12 @@ class CacheService:
 
     def _retrieve(self, request: Message) -> Message:
         engine, tokens = self.engine_for(request.meta), self._tokens(request)
-        result = engine.retrieve(tokens, mask=self._mask(request, len(tokens)), cache_salt=self._salt(request.meta))
+        mask = self._mask(request, len(tokens))
+        fits = self._max_reply_bytes // engine.layout.bytes_per_token  # a longer hit comes back as a shorter prefix
+        if fits < len(tokens):
+            tokens = tokens[: fits - fits % self.config.chunk_size]
+            mask = None if mask is None else mask[: len(tokens)]
+        result = engine.retrieve(tokens, mask=mask, cache_salt=self._salt(request.meta))
         meta = {"hit_tokens": result.hit_tokens, "loaded_tokens": result.loaded_tokens, "tiers": result.tier_tokens}
         return reply_to(request, meta, [memoryview(np.ascontiguousarray(result.kv).reshape(-1).view(np.uint8))])
 
@@ -245,11 +253,13 @@ class CacheService:
         """Each key's chunk in the stored chunk format (an empty frame for a miss)."""
         keys = self._keys(request)
         frames: list[memoryview] = []
+        budget = self._max_reply_bytes  # beyond it the remaining keys are answered as misses
         for key, tier in zip(keys, self.storage.find(keys), strict=True):
-            obj = self.storage.read_one(key, tier) if tier is not None else None
+            obj = self.storage.read_one(key, tier) if tier is not None and budget > 0 else None
             if obj is None:
                 frames.append(memoryview(b""))
                 continue
+            budget -= CHUNK_HEADER_SIZE + obj.nbytes
             try:  # a copy: the chunk's memory may be reused once we let go of it, before ZMQ has sent it
                 payload = memoryview(obj.data)
                 frames.append(memoryview(make_header(key.id, obj.layout, obj.num_tokens, payload) + payload.tobytes()))
@@ -376,6 +386,8 @@ class CacheService:
     def pin_tokens(self, body: dict[str, Any]) -> tuple[int, int]:
         """Pin the cached prefix of ``tokens`` until :meth:`unpin` (no expiry); return (pin id, tokens pinned)."""
         engine, tokens = self.engine_for(body), self._body_tokens(body)
+        if len(self._admin_pins) >= MAX_ADMIN_PINS:
+            raise ProtocolError(f"{MAX_ADMIN_PINS} pins are held already: unpin some first")
         chunks, keys = engine.chunk_keys(tokens, self._salt(body))
         sources = self.storage.locate(keys)
         pins = self.storage.pin(keys[: len(sources)], sources)
@@ -395,10 +407,13 @@ class CacheService:
         """Bytes tenant ``cache_salt`` may hold in memory (None: no limit); its own oldest chunks make room."""
         if self.storage.memory is None:
             raise ProtocolError("quotas apply to the memory tier, which is off (local_cpu: false)")
+        quotas = self.storage.memory.quotas
         if limit_bytes is None:
-            self.storage.memory.quotas.pop(cache_salt, None)
+            quotas.pop(cache_salt, None)
+        elif cache_salt in quotas or len(quotas) < MAX_QUOTAS:
+            quotas[cache_salt] = limit_bytes
         else:
-            self.storage.memory.quotas[cache_salt] = limit_bytes
+            raise ProtocolError(f"{MAX_QUOTAS} tenants have quotas already: remove some first")
 
     def quotas(self) -> dict[str, dict[str, int | None]]:
         """Memory quota and use of every tenant holding memory or a quota, by :meth:`tenant_id` (never by salt)."""

@@ -107,6 +107,10 @@ class DataPlane:
             requests.inc(op="UNDECODABLE", status=exc.status.name)
             self._send(identity, _undecodable_reply(exc))
             return
+        if not self.service.authorized(request.meta.get("auth")):  # before its payload takes a slot or a worker
+            requests.inc(op=op_name(request.op), status=Status.UNAUTHORIZED.name)
+            self._send(identity, error_reply(request, Status.UNAUTHORIZED, "missing or wrong auth token"))
+            return
         size = sum(len(f) for f in request.payload)
         over_bytes = self._inflight and self._inflight_bytes + size > self._max_inflight_bytes
         if self._inflight >= self._max_inflight or over_bytes:
