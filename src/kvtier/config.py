@@ -30,7 +30,6 @@ from typing import Any
 import yaml
 
 from kvtier.errors import ConfigError
-from kvtier.storage.eviction import EVICTION_POLICIES, make_policy
 
 log = logging.getLogger("kvtier.config")
 GiB = 2**30
@@ -57,6 +56,21 @@ LMCACHE_INERT_OPTIONS: dict[str, Any] = {
     "save_decode_cache": False,
     "use_layerwise": False,
 }
+
+
+# The eviction policies by name (``kvtier.storage.eviction`` implements one for each), and other spellings.
+CACHE_POLICIES = ("FIFO", "LFU", "LRU", "S3FIFO")
+_POLICY_ALIASES = {"S3-FIFO": "S3FIFO", "S3_FIFO": "S3FIFO"}
+
+
+def policy_name(name: str) -> str:
+    """The canonical name of eviction policy ``name`` (case-insensitive, S3-FIFO spellings too); ValueError
+    naming the choices for anything else."""
+    key = str(name).upper()
+    key = _POLICY_ALIASES.get(key, key)
+    if key not in CACHE_POLICIES:
+        raise ValueError(f"unknown eviction policy {name!r}; choose one of {list(CACHE_POLICIES)}")
+    return key
 
 
 def default_disk_path() -> str:
@@ -202,7 +216,7 @@ class KVTierConfig:
         if self.max_local_cpu_size <= 0:
             raise ConfigError("max_local_cpu_size must be > 0 (memory also stages chunks for other tiers)")
         try:
-            make_policy(self.cache_policy)
+            policy_name(self.cache_policy)
         except ValueError as exc:
             raise ConfigError(f"cache_policy: {exc}") from None
         if self.local_disk is not None:
@@ -397,4 +411,4 @@ def _to_bool(value: Any) -> bool:
     raise ValueError("not a boolean")
 
 
-__all__ = ["EVICTION_POLICIES", "GiB", "KVTierConfig", "default_disk_path", "load_config"]
+__all__ = ["CACHE_POLICIES", "GiB", "KVTierConfig", "default_disk_path", "load_config", "policy_name"]

@@ -326,3 +326,9 @@ def test_unknown_policy_name_lists_the_choices(name: str) -> None:
     message = str(info.value)
     assert repr(name) in message
     assert all(choice in message for choice in EVICTION_POLICIES)
+
+
+def test_the_configuration_names_exactly_the_implemented_policies() -> None:
+    from kvtier.config import CACHE_POLICIES
+
+    assert set(CACHE_POLICIES) == set(EVICTION_POLICIES)

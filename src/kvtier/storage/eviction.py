@@ -15,6 +15,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from typing import TypeVar
 
+from kvtier.config import policy_name
+
 K = TypeVar("K", bound=Hashable)
 Evictable = Callable[[K], bool]
 
@@ -227,22 +229,10 @@ class S3FIFOPolicy(EvictionPolicy):
 
 
 EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {
-    "FIFO": FIFOPolicy,
-    "LFU": LFUPolicy,
-    "LRU": LRUPolicy,
-    "S3FIFO": S3FIFOPolicy,
-}
-_ALIASES = {"S3-FIFO": "S3FIFO", "S3_FIFO": "S3FIFO"}
-
-
-def policy_names() -> list[str]:
-    return sorted(EVICTION_POLICIES)
+    cls.name: cls for cls in (FIFOPolicy, LFUPolicy, LRUPolicy, S3FIFOPolicy)
+}  # one per name in kvtier.config.CACHE_POLICIES (the configuration validates names without importing this)
 
 
 def make_policy(name: str) -> EvictionPolicy:
     """Create a policy by (case-insensitive) name; raise ValueError naming the choices."""
-    key = name.upper()
-    key = _ALIASES.get(key, key)
-    if key not in EVICTION_POLICIES:
-        raise ValueError(f"unknown eviction policy {name!r}; choose one of {policy_names()}")
-    return EVICTION_POLICIES[key]()
+    return EVICTION_POLICIES[policy_name(name)]()
