@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from kvtier import __version__
-from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_header, make_header, verify_payload
+from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_chunk, encode_chunk
 from kvtier.config import KVTierConfig
 from kvtier.engine.cache_engine import CacheEngine, skip_mask
 from kvtier.errors import KVTierError
@@ -261,8 +261,8 @@ class CacheService:
                 continue
             budget -= CHUNK_HEADER_SIZE + obj.nbytes
             try:  # a copy: the chunk's memory may be reused once we let go of it, before ZMQ has sent it
-                payload = memoryview(obj.data)
-                frames.append(memoryview(make_header(key.id, obj.layout, obj.num_tokens, payload) + payload.tobytes()))
+                header, payload = encode_chunk(key.id, obj)
+                frames.append(memoryview(header + payload.tobytes()))
             finally:
                 obj.unref()
         return reply_to(request, {"found": sum(1 for f in frames if len(f))}, frames)
@@ -273,13 +273,10 @@ class CacheService:
             raise ProtocolError(f"{len(keys)} keys but {len(request.payload)} value frames")
         stored = 0
         for key, frame in zip(keys, request.payload, strict=True):
-            header = decode_header(frame[:CHUNK_HEADER_SIZE], key.id)
-            verify_payload(header, frame[CHUNK_HEADER_SIZE:])
-            obj = self.storage.allocate(header.layout, header.num_tokens)
+            obj = decode_chunk(frame, key.id, self.storage.allocate)  # a bad chunk: BAD_REQUEST, nothing stored
             if obj is None:
                 break  # memory full of pinned chunks: the rest is not stored, as in a local store
             try:
-                obj.data[:] = frame[CHUNK_HEADER_SIZE : CHUNK_HEADER_SIZE + header.payload_size]
                 stored += self.storage.write([key], [obj])
             finally:
                 obj.unref()

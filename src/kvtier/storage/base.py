@@ -9,13 +9,18 @@ loops; a tier that can do better (one round trip for many keys) overrides them.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
+from kvtier.errors import CorruptChunkError, TruncatedChunkError
 from kvtier.memory.layout import KVLayout
 from kvtier.memory.memory_obj import MemoryObj
+from kvtier.metrics import CacheMetrics
 from kvtier.tokens.keys import CacheKey
+
+log = logging.getLogger("kvtier.storage")
 
 Allocate = Callable[[KVLayout, int], MemoryObj | None]
 """Returns a new object for ``(layout, num_tokens)`` with one reference, or None when memory is short."""
@@ -124,3 +129,15 @@ class PinTable:
 
     def __len__(self) -> int:
         return len(self._counts)
+
+
+def discard_bad_chunk(
+    tier: StorageTier, metrics: CacheMetrics, key: CacheKey, exc: CorruptChunkError, delete: bool
+) -> None:
+    """What every tier does with a chunk that fails verification: log it, count it by kind (corrupt or
+    truncated) and, if ``delete``, delete it. The read is then a miss, never wrong KV."""
+    kind = "truncated" if isinstance(exc, TruncatedChunkError) else "corrupt"
+    log.warning("%s tier: %s chunk %s: %s", tier.name, kind, key.to_str(), exc)
+    metrics.errors.inc(tier=tier.name, kind=kind)
+    if delete:
+        tier.delete(key)

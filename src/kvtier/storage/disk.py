@@ -18,11 +18,11 @@ import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_header, make_header, verify_payload
-from kvtier.errors import CorruptChunkError, TruncatedChunkError
+from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_header, encode_chunk, verify_payload
+from kvtier.errors import CorruptChunkError
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.metrics import CacheMetrics
-from kvtier.storage.base import Allocate, PinTable, StorageTier, TierUsage
+from kvtier.storage.base import Allocate, PinTable, StorageTier, TierUsage, discard_bad_chunk
 from kvtier.storage.eviction import EvictionPolicy
 from kvtier.tokens.keys import NAMESPACE_DIGEST_SIZE, CacheKey, key_id_from_str
 
@@ -142,10 +142,10 @@ class DiskTier(StorageTier):
         self._note_namespace(key)
         final.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         tmp = final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}.{next(_counter)}")
-        payload = memoryview(obj.data)
+        header, payload = encode_chunk(key.id, obj)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
         try:
-            _write_all(fd, make_header(key.id, obj.layout, obj.num_tokens, payload))
+            _write_all(fd, header)
             _write_all(fd, payload)
             if self.fsync:
                 os.fsync(fd)
@@ -199,10 +199,7 @@ class DiskTier(StorageTier):
                 verify_payload(header, view[:got])
                 return obj
         except CorruptChunkError as exc:
-            kind = "truncated" if isinstance(exc, TruncatedChunkError) else "corrupt"
-            log.warning("disk tier: dropping %s chunk %s: %s", kind, key.to_str(), exc)
-            self.metrics.errors.inc(tier=self.name, kind=kind)
-            self.delete(key)
+            discard_bad_chunk(self, self.metrics, key, exc, delete=True)
         except OSError as exc:
             log.warning("disk tier: read of %s failed: %s", key.to_str(), exc)
             self.metrics.errors.inc(tier=self.name, kind="io")

@@ -21,11 +21,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_header, make_header, verify_payload
-from kvtier.errors import CorruptChunkError, TruncatedChunkError
+from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_chunk, encode_chunk
+from kvtier.errors import CorruptChunkError
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.metrics import CacheMetrics
-from kvtier.storage.base import Allocate, StorageTier, TierUsage
+from kvtier.storage.base import Allocate, StorageTier, TierUsage, discard_bad_chunk
 from kvtier.tokens.keys import CacheKey, Namespace
 
 log = logging.getLogger(__name__)
@@ -194,25 +194,14 @@ class RemoteTier(StorageTier):
         return objs
 
     def _decode(self, key: CacheKey, value: Value, allocate: Allocate) -> MemoryObj | None:
-        view = memoryview(value)
-        obj = None
         try:
-            header = decode_header(view[:CHUNK_HEADER_SIZE], key.id)
-            payload = view[CHUNK_HEADER_SIZE:]
-            verify_payload(header, payload)
-            obj = allocate(header.layout, header.num_tokens)
-            if obj is None:
-                self.metrics.errors.inc(tier=self.name, kind="no_memory")
-                return None
-            obj.data[:] = payload[: header.payload_size]
-            return obj
+            obj = decode_chunk(value, key.id, allocate)
         except CorruptChunkError as exc:
-            kind = "truncated" if isinstance(exc, TruncatedChunkError) else "corrupt"
-            log.warning("remote tier %s: %s chunk %s: %s", self.name, kind, key.to_str(), exc)
-            self.metrics.errors.inc(tier=self.name, kind=kind)
-            if self.delete_corrupt:
-                self.delete(key)
+            discard_bad_chunk(self, self.metrics, key, exc, self.delete_corrupt)
             return None
+        if obj is None:
+            self.metrics.errors.inc(tier=self.name, kind="no_memory")
+        return obj
 
     def _observe(self, nbytes: int, seconds: float) -> None:
         rate = nbytes / max(seconds, 1e-9)
@@ -225,8 +214,7 @@ class RemoteTier(StorageTier):
 
     def put(self, key: CacheKey, obj: MemoryObj) -> bool:
         started = time.perf_counter()
-        payload = memoryview(obj.data)
-        parts = [make_header(key.id, obj.layout, obj.num_tokens, payload), payload]
+        parts = encode_chunk(key.id, obj)
 
         def write() -> bool:
             return self.store.put(self.name_for(key), parts, self.ttl_sec, namespace=key.namespace)
