@@ -144,8 +144,8 @@ def test_valid_requests_still_work_after_the_abuse(server) -> None:
 def test_pins_and_quotas_are_bounded(server, monkeypatch) -> None:
     """Each pin holds memory until unpinned and each quota is an entry per tenant: both are capped, so a token
     holder's script gone wrong cannot grow them without end."""
-    monkeypatch.setattr("kvtier.server.service.MAX_ADMIN_PINS", 3)
-    monkeypatch.setattr("kvtier.server.service.MAX_QUOTAS", 2)
+    monkeypatch.setattr("kvtier.server.admin.MAX_ADMIN_PINS", 3)
+    monkeypatch.setattr("kvtier.server.admin.MAX_QUOTAS", 2)
     prompt = {**NAMESPACE, "tokens": list(range(64))}
     pins = [http_json(server.http_port, "POST", "/pin", prompt) for _ in range(4)]
     assert [status for status, _ in pins] == [200, 200, 200, 400] and "unpin" in pins[3][1]["error"]

@@ -85,11 +85,11 @@ def test_chunks_stored_through_kvtier_url_belong_to_their_tenant(tmp_path) -> No
             assert engine.flush(10)
         service = srv.server.service
         assert service.storage.flush(10)
-        quotas = service.quotas()
-        assert quotas[service.tenant_id("tenant-t")]["used_bytes"] == layout.chunk_bytes(64)
+        quotas = service.admin.quotas()
+        assert quotas[service.admin.tenant_id("tenant-t")]["used_bytes"] == layout.chunk_bytes(64)
         assert quotas["_default"]["used_bytes"] == layout.chunk_bytes(64)
-        assert service.clear("tenant-t") == 8  # 4 chunks, each in the server's memory and on its disk
-        assert service.tenant_quota("tenant-t")["used_bytes"] == 0 and service.clear("") == 8
+        assert service.admin.clear("tenant-t") == 8  # 4 chunks, each in the server's memory and on its disk
+        assert service.admin.tenant_quota("tenant-t")["used_bytes"] == 0 and service.admin.clear("") == 8
     finally:
         srv.stop()
 

@@ -312,7 +312,7 @@ def test_admin_clear_by_tenant_delete_pin_and_quota(inproc_server) -> None:
 
         chunk_bytes = LAYOUT.chunk_bytes(CHUNK)
         status, body = http_json(port, "PUT", "/quota/q", {"limit_gb": 3 * chunk_bytes / 2**30})
-        q = inproc_server.server.service.tenant_id("q")
+        q = inproc_server.server.service.admin.tenant_id("q")
         assert status == 200 and body["quotas"][q]["limit_bytes"] == 3 * chunk_bytes
         client.store(list(range(100, 164)), kv_for(10, 64))  # another tenant, untouched by q's quota
         client.store(list(range(64)), kv_for(11, 64), cache_salt="q")  # 4 chunks, quota 3: its own tail goes

@@ -40,8 +40,8 @@ def same(a: np.ndarray, b: np.ndarray) -> bool:
 
 def wait_for_leases(srv: InProcessServer, count: int, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
-    while len(srv.server.service.shm_leases) != count:
-        assert time.monotonic() < deadline, f"leases: {len(srv.server.service.shm_leases)}, expected {count}"
+    while len(srv.server.service.shm.leases) != count:
+        assert time.monotonic() < deadline, f"leases: {len(srv.server.service.shm.leases)}, expected {count}"
         time.sleep(0.02)
 
 
@@ -140,7 +140,7 @@ def test_a_stalled_writer_that_dies_gives_its_memory_back(server) -> None:
     memory = server.server.service.storage.pool
     before = memory.used_bytes
     proc = start_stalled_writer(server, seed=7)
-    assert len(server.server.service.shm_leases) == 1 and memory.used_bytes > before  # held: the writer lives
+    assert len(server.server.service.shm.leases) == 1 and memory.used_bytes > before  # held: the writer lives
     proc.kill()
     proc.wait()
     wait_for_leases(server, 0)
@@ -178,7 +178,7 @@ def test_a_client_that_fails_between_reserve_and_commit_hands_the_reservation_ba
         client._copy_chunks = failing  # type: ignore[method-assign]
         with pytest.raises(RuntimeError):
             client.store(list(range(48)), kv_of(10))
-        assert len(server.server.service.shm_leases) == 0 and memory.used_bytes == before
+        assert len(server.server.service.shm.leases) == 0 and memory.used_bytes == before
 
 
 def test_a_client_removes_its_liveness_file_when_closed(server) -> None:
@@ -207,7 +207,7 @@ def test_a_reservation_whose_reply_was_lost_is_not_held_until_the_client_exits(s
 
         client.connection._exchange = lose_first_reserve  # type: ignore[method-assign]
         assert client.store(list(range(48)), kv_of(12)).stored_tokens == 48
-        assert lost and len(server.server.service.shm_leases) == 1  # the orphan
+        assert lost and len(server.server.service.shm.leases) == 1  # the orphan
         time.sleep(LEASE_SEC * 2)
         client.store(list(range(2000, 2048)), kv_of(13))
         wait_for_leases(server, 0)

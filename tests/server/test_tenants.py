@@ -81,7 +81,7 @@ def test_clear_by_tenant_still_finds_the_tenants_disk_chunks(inproc_server) -> N
 
 
 def tenant_id(server, salt: str) -> str:  # type: ignore[no-untyped-def]
-    return server.server.service.tenant_id(salt)
+    return server.server.service.admin.tenant_id(salt)
 
 
 def test_any_salt_can_be_addressed_in_a_path(inproc_server) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from kvtier.config import KVTierConfig
-from kvtier.engine.leases import Lease, LeaseTable
+from kvtier.engine.leases import Lease, LeaseTable, Pins
 from kvtier.engine.results import LookupResult, RetrieveResult, StoreResult, describe_tiers
 from kvtier.engine.transfer import ArrayKV, KVDestination, KVSource, as_destination, as_source
 from kvtier.errors import LayoutError
@@ -47,7 +47,7 @@ class Reservation:
     keys: list[CacheKey]
     objs: list[MemoryObj]
     cached_keys: list[CacheKey]  # chunks of the prompt already cached (pinned in memory: ``held``)
-    held: list[CacheKey]
+    held: Pins
     num_tokens: int
     dropped_tokens: int  # chunks that found no memory (always a tail of the prompt)
     started: float
@@ -159,17 +159,20 @@ class CacheEngine:
         return self.leases.release(lease)
 
     # -- store --------------------------------------------------------------------------------------
-    def store(self, tokens: Any, kv: Any, *, mask: Any = None, cache_salt: str = "") -> StoreResult:
+    def store(
+        self, tokens: Any, kv: Any, *, skip_tokens: int = 0, mask: Any = None, cache_salt: str = ""
+    ) -> StoreResult:
         """Store the KV of ``tokens``; chunks already cached are skipped (cheap dedup).
 
         ``kv`` covers tokens ``[0, len(tokens))``: a ``(layers, kv, tokens, heads, head_dim)`` numpy array or
-        torch tensor, or a :class:`~kvtier.engine.transfer.KVSource`. ``mask`` (False...False True...True)
-        marks a leading part to skip; its False count must be a multiple of ``chunk_size``. When memory is
-        short only a prefix is stored (the rest is reported as dropped).
+        torch tensor, or a :class:`~kvtier.engine.transfer.KVSource`. ``skip_tokens`` (a multiple of
+        ``chunk_size``) is a leading part the caller knows is cached, not read; LMCache's form of it, a ``mask``
+        (False...False True...True), is accepted too. When memory is short only a prefix is stored (the rest is
+        reported as dropped).
         """
         source = as_source(kv, self.layout)
         _check_covers(source, _token_count(tokens), "kv")
-        reservation = self.reserve(tokens, mask=mask, cache_salt=cache_salt, source=source)
+        reservation = self.reserve(tokens, skip_tokens=skip_tokens, mask=mask, cache_salt=cache_salt, source=source)
         try:
             copies = [
                 partial(source.read_into, obj, c.start, c.end)
@@ -182,7 +185,9 @@ class CacheEngine:
             raise
         return self.commit(reservation)
 
-    def reserve(self, tokens: Any, *, mask: Any = None, cache_salt: str = "", source: Any = None) -> Reservation:
+    def reserve(
+        self, tokens: Any, *, skip_tokens: int = 0, mask: Any = None, cache_salt: str = "", source: Any = None
+    ) -> Reservation:
         """Set aside memory for the chunks of ``tokens`` not cached yet, for a caller that fills them itself
         (:meth:`store`, or a client writing through shared memory); then :meth:`commit` or :meth:`abandon`.
 
@@ -190,10 +195,10 @@ class CacheEngine:
         this prefix. ``source`` (optional) is where the KV will be copied from, to align chunk memory with it.
         """
         started = time.perf_counter()
-        num_tokens, _, todo = self._masked_chunks(tokens, mask, cache_salt)
+        num_tokens, _, todo = self._chunks_after(tokens, self._skip(tokens, skip_tokens, mask), cache_salt)
         present = [self.storage.contains_any(k) for _, k in todo]
         cached = [k for (_, k), p in zip(todo, present, strict=True) if p]
-        held = self.storage.memory.pin(cached) if self.storage.memory is not None else []
+        held = self.storage.pin_in_memory(cached)
         new = [(c, k) for (c, k), p in zip(todo, present, strict=True) if not p]
         objs = self._allocate([c for c, _ in new], source)
         dropped = sum(c.num_tokens for c, _ in new[len(objs) :])
@@ -222,8 +227,7 @@ class CacheEngine:
         for obj in objs:
             obj.unref()
         held, reservation.held = reservation.held, []
-        if self.storage.memory is not None:
-            self.storage.memory.unpin(held)
+        self.storage.unpin(held)
 
     def _copy_all(self, copies: list[Callable[[], None]], side: KVSource | KVDestination) -> list[Future[None]]:
         """Run chunk copies; large numpy copies go to the copy threads (one thread cannot saturate memory
@@ -274,15 +278,17 @@ class CacheEngine:
         )
 
     # -- retrieve -----------------------------------------------------------------------------------
-    def retrieve(self, tokens: Any, out: Any = None, *, mask: Any = None, cache_salt: str = "") -> RetrieveResult:
+    def retrieve(
+        self, tokens: Any, out: Any = None, *, skip_tokens: int = 0, mask: Any = None, cache_salt: str = ""
+    ) -> RetrieveResult:
         """Copy the KV of the longest cached prefix of ``tokens`` into ``out`` (or a new numpy array).
 
         ``out`` is a ``(layers, kv, n, heads, head_dim)`` array/tensor or a
         :class:`~kvtier.engine.transfer.KVDestination`; only chunks that fit in its ``n`` tokens are loaded.
-        ``mask`` skips a leading part the caller already has, as in :meth:`store`.
+        ``skip_tokens`` (or ``mask``) is a leading part the caller already has, as in :meth:`store`.
         """
         started = time.perf_counter()
-        num_tokens, skip, wanted = self._masked_chunks(tokens, mask, cache_salt)
+        num_tokens, skip, wanted = self._chunks_after(tokens, self._skip(tokens, skip_tokens, mask), cache_salt)
         dest = as_destination(out, self.layout) if out is not None else None
         limit = getattr(dest, "num_tokens", num_tokens)
         wanted = [(c, k) for c, k in wanted if c.end <= limit]
@@ -315,11 +321,11 @@ class CacheEngine:
         self._record_retrieve(result)
         return result
 
-    def acquire(self, tokens: Any, *, mask: Any = None, cache_salt: str = "") -> Acquired:
+    def acquire(self, tokens: Any, *, skip_tokens: int = 0, mask: Any = None, cache_salt: str = "") -> Acquired:
         """The chunks of the longest cached prefix, by reference (no copy): the caller reads them in place
         (the server's shared-memory path) and must ``unref()`` each object when done."""
         started = time.perf_counter()
-        num_tokens, skip, wanted = self._masked_chunks(tokens, mask, cache_salt)
+        num_tokens, skip, wanted = self._chunks_after(tokens, self._skip(tokens, skip_tokens, mask), cache_salt)
         sources = self._locate([c for c, _ in wanted], [k for _, k in wanted])
         read = self.storage.read([k for _, k in wanted[: len(sources)]], sources)
         loaded = [c for c, _ in wanted[: len(read.objs)]]
@@ -403,36 +409,34 @@ class CacheEngine:
         self.close()
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _masked_chunks(self, tokens: Any, mask: Any, cache_salt: str) -> tuple[int, int, list[tuple[Chunk, CacheKey]]]:
-        """Prompt length, tokens the mask skips, and the (chunk, key) pairs from there on; expires leases."""
+    def _chunks_after(self, tokens: Any, skip: int, cache_salt: str) -> tuple[int, int, list[tuple[Chunk, CacheKey]]]:
+        """Prompt length, ``skip``, and the (chunk, key) pairs from ``skip`` on; expires leases."""
         self.leases.expire()
-        num_tokens = _token_count(tokens)
-        skip = self._leading_skip(mask, num_tokens)
         chunks, keys = self.chunk_keys(tokens, cache_salt)
-        return num_tokens, skip, [(c, k) for c, k in zip(chunks, keys, strict=True) if c.start >= skip]
+        return _token_count(tokens), skip, [(c, k) for c, k in zip(chunks, keys, strict=True) if c.start >= skip]
 
-    def _leading_skip(self, mask: Any, num_tokens: int) -> int:
-        if mask is None:
-            return 0
+    def _skip(self, tokens: Any, skip_tokens: int, mask: Any) -> int:
+        """The leading tokens to skip, from ``skip_tokens`` or LMCache's ``mask``, checked: a multiple of
+        ``chunk_size`` (or the whole prompt), within it."""
+        num_tokens = _token_count(tokens)
+        skip = skip_tokens if mask is None else self._skip_of_mask(mask, num_tokens)
+        if mask is not None and skip_tokens:
+            raise ValueError("give skip_tokens or a mask, not both")
+        if not 0 <= skip <= num_tokens:
+            raise ValueError(f"skip_tokens {skip} out of range for a prompt of {num_tokens} tokens")
+        if skip % self.config.chunk_size and skip != num_tokens:
+            raise ValueError(f"skip of {skip} tokens is not a multiple of chunk_size {self.config.chunk_size}")
+        return skip
+
+    @staticmethod
+    def _skip_of_mask(mask: Any, num_tokens: int) -> int:
         flags = np.asarray(mask.detach().cpu().numpy() if hasattr(mask, "detach") else mask, dtype=bool)
         if flags.shape != (num_tokens,):
             raise ValueError(f"mask must have one entry per token ({num_tokens}), got shape {flags.shape}")
         skip = int(np.argmax(flags)) if flags.any() else num_tokens
         if not flags[skip:].all():
             raise ValueError("mask must be False...False then True...True")
-        if skip % self.config.chunk_size and skip != num_tokens:
-            raise ValueError(f"mask skips {skip} tokens, not a multiple of chunk_size {self.config.chunk_size}")
         return skip
-
-
-def skip_mask(num_tokens: int, skip_tokens: int) -> np.ndarray | None:
-    """The mask (False...False True...True) that skips the first ``skip_tokens`` of a prompt; None for none:
-    what callers that only know "the head is cached already" pass to store/retrieve/reserve/acquire."""
-    if not skip_tokens:
-        return None
-    mask = np.ones(num_tokens, dtype=bool)
-    mask[:skip_tokens] = False
-    return mask
 
 
 def _token_count(tokens: Any) -> int:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from kvtier.config import KVTierConfig
-from kvtier.engine.cache_engine import CacheEngine, skip_mask
+from kvtier.engine.cache_engine import CacheEngine
 from kvtier.memory.layout import KVLayout
 from kvtier.metrics import CacheMetrics, IntegrationMetrics
 
@@ -126,12 +126,12 @@ class InProcessBackend(KVBackend):
         return self.engine.lookup(tokens, cache_salt=cache_salt).hit_tokens
 
     def _retrieve(self, tokens: Any, out: Any, skip_tokens: int, cache_salt: str) -> Loaded:
-        result = self.engine.retrieve(tokens, out, mask=skip_mask(len(tokens), skip_tokens), cache_salt=cache_salt)
+        result = self.engine.retrieve(tokens, out, skip_tokens=skip_tokens, cache_salt=cache_salt)
         end = skip_tokens + result.loaded_tokens if result.loaded_tokens else 0
         return Loaded(end, result.loaded_tokens, result.tier_tokens)
 
     def _store(self, tokens: Any, kv: Any, skip_tokens: int, cache_salt: str) -> int:
-        result = self.engine.store(tokens, kv, mask=skip_mask(len(tokens), skip_tokens), cache_salt=cache_salt)
+        result = self.engine.store(tokens, kv, skip_tokens=skip_tokens, cache_salt=cache_salt)
         return result.stored_tokens
 
     def close(self) -> None:

@@ -37,7 +37,8 @@ from kvtier import __version__
 from kvtier.errors import KVTierError
 from kvtier.memory.layout import DTYPES_BY_NAME
 from kvtier.protocol import MAX_LAYOUT_DIM, ProtocolError, parse_json_object
-from kvtier.server.service import DEFAULT_TENANT, MAX_MODEL_NAME, CacheService
+from kvtier.server.admin import DEFAULT_TENANT
+from kvtier.server.service import MAX_MODEL_NAME, CacheService
 from kvtier.tokens.keys import MAX_SALT_LENGTH
 
 log = logging.getLogger("kvtier.server")
@@ -148,44 +149,44 @@ def create_app(service: CacheService, ready: threading.Event) -> ASGIApp:
 
     @app.get("/quota", response_model=Quotas, summary="Memory quota and use of every tenant, by tenant id")
     def quotas() -> Any:
-        return {"quotas": service.quotas()}
+        return {"quotas": service.admin.quotas()}
 
     @app.get(
         "/quota/{cache_salt:salt}", response_model=TenantQuota, summary="One tenant's quota and use (_default: no salt)"
     )
     def tenant_quota(cache_salt: str) -> Any:
-        return service.tenant_quota(_salt(cache_salt))
+        return service.admin.tenant_quota(_salt(cache_salt))
 
     @app.put(
         "/quota/{cache_salt:salt}", response_model=Quotas, dependencies=admin, summary="Set a tenant's memory quota"
     )
     def put_quota(cache_salt: str, body: QuotaBody) -> Any:
-        service.set_quota(_salt(cache_salt), int(body.limit_gb * 2**30))
-        return {"quotas": service.quotas()}
+        service.admin.set_quota(_salt(cache_salt), int(body.limit_gb * 2**30))
+        return {"quotas": service.admin.quotas()}
 
     @app.delete(
         "/quota/{cache_salt:salt}", response_model=Quotas, dependencies=admin, summary="Remove a tenant's quota"
     )
     def delete_quota(cache_salt: str) -> Any:
-        service.set_quota(_salt(cache_salt), None)
-        return {"quotas": service.quotas()}
+        service.admin.set_quota(_salt(cache_salt), None)
+        return {"quotas": service.admin.quotas()}
 
     @app.post("/clear", response_model=Cleared, dependencies=admin, summary="Remove every chunk, or one tenant's")
     def clear(body: ClearBody | None = None) -> Any:
-        return {"cleared_chunks": service.clear(body.cache_salt if body else None)}
+        return {"cleared_chunks": service.admin.clear(body.cache_salt if body else None)}
 
     @app.post("/delete", response_model=Deleted, dependencies=admin, summary="Delete a prompt's chunks")
     def delete(body: PromptBody) -> Any:
-        return {"deleted_chunks": service.delete_tokens(body.model_dump(exclude_none=True))}
+        return {"deleted_chunks": service.admin.delete_tokens(body.model_dump(exclude_none=True))}
 
     @app.post("/pin", response_model=Pinned, dependencies=admin, summary="Pin a prompt's cached prefix until /unpin")
     def pin(body: PromptBody) -> Any:
-        pin_id, tokens = service.pin_tokens(body.model_dump(exclude_none=True))
+        pin_id, tokens = service.admin.pin_tokens(body.model_dump(exclude_none=True))
         return {"pin_id": pin_id, "pinned_tokens": tokens}
 
     @app.post("/unpin", response_model=Unpinned, dependencies=admin, summary="Release a pin")
     def unpin(body: UnpinBody) -> Any:
-        return {"unpinned": service.unpin(body.pin_id)}
+        return {"unpinned": service.admin.unpin(body.pin_id)}
 
     _add_error_handlers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

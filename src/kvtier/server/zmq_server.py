@@ -20,7 +20,8 @@ from typing import Any
 import zmq
 
 from kvtier.protocol import Message, ProtocolError, Status, decode, encode
-from kvtier.server.service import CacheService, error_reply, op_name
+from kvtier.server.replies import error_reply, op_name
+from kvtier.server.service import CacheService
 
 log = logging.getLogger("kvtier.server")
 CLIENT_WINDOW_SEC = 60.0
@@ -75,7 +76,7 @@ class DataPlane:
 
     def _step(self, poller: zmq.Poller) -> None:
         events = dict(poller.poll(200))
-        self.service.shm_leases.expire()  # leases of clients that went away, even when nobody calls
+        self.service.shm.leases.expire()  # leases of clients that went away, even when nobody calls
         if self._wake_recv in events:
             self._send_replies()
         if self.socket in events:

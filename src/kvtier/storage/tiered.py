@@ -272,6 +272,11 @@ class TieredStorage:
         tiers = {id(t): t for t in self.tiers}
         return [(tiers[i], tiers[i].pin(ks)) for i, ks in by_tier.items()]
 
+    def pin_in_memory(self, keys: Sequence[CacheKey]) -> list[tuple[StorageTier, list[CacheKey]]]:
+        """Pin those of ``keys`` the memory tier holds (a store keeps its cached head while it makes room for the
+        rest); for :meth:`unpin`."""
+        return [(self.memory, self.memory.pin(keys))] if self.memory is not None else []
+
     @staticmethod
     def unpin(pins: list[tuple[StorageTier, list[CacheKey]]]) -> None:
         for tier, keys in pins:
