@@ -32,7 +32,6 @@ def test_defaults():
     assert cfg.remote_url is None
     assert cfg.pin_timeout_sec == 300.0
     assert cfg.read_workers == 4
-    assert cfg.extra_config == {}
     assert cfg.local_cpu_bytes == 5 * GiB
     assert cfg.to_dict()["chunk_size"] == 256
 
@@ -54,7 +53,6 @@ def test_yaml_file(tmp_path):
         max_local_cpu_size: 0.5
         cache_policy: s3fifo
         pin_timeout_sec: 2
-        extra_config: {vendor_option: 3}
         log_level: debug
         """,
     )
@@ -64,7 +62,6 @@ def test_yaml_file(tmp_path):
     assert cfg.max_local_cpu_size == 0.5 and cfg.local_cpu_bytes == GiB // 2
     assert cfg.cache_policy == "s3fifo"
     assert cfg.pin_timeout_sec == 2.0 and isinstance(cfg.pin_timeout_sec, float)
-    assert cfg.extra_config == {"vendor_option": 3}
 
 
 def test_empty_yaml_file_gives_defaults(tmp_path):
@@ -214,6 +211,15 @@ def test_unknown_lmcache_env_variable_ignored():
     assert cfg == KVTierConfig()
 
 
+@pytest.mark.parametrize("empty", ["{}", "", "null"])
+def test_lmcache_extra_config_loads_empty_and_is_refused_with_options(tmp_path, empty):
+    """LMCache's extra_config carries plugin options; kvtier has no plugin to read them: an empty one loads, one
+    with options is an error naming it (never silently ignored)."""
+    assert load_config(write_yaml(tmp_path, f"extra_config: {empty}\n"), env={}) == KVTierConfig()
+    with pytest.raises(ConfigError, match="extra_config"):
+        load_config(write_yaml(tmp_path, "extra_config: {vendor_option: 3}\n"), env={})
+
+
 def test_lmcache_env_option_kvtier_lacks_is_checked():
     """An LMCache option kvtier does not implement loads when it says "off" and fails when it asks for more."""
     assert load_config(env={"LMCACHE_ENABLE_BLENDING": "false", "LMCACHE_REMOTE_SERDE": "naive"}) == KVTierConfig()
@@ -227,14 +233,12 @@ def test_env_values_are_typed():
         env={
             "KVTIER_MAX_LOCAL_CPU_SIZE": "0.25",
             "LMCACHE_LOCAL_CPU": "False",
-            "KVTIER_EXTRA_CONFIG": "{a: 1, b: [2]}",
             "KVTIER_REMOTE_URL": "none",
             "LMCACHE_LOCAL_DISK": "",
         }
     )
     assert cfg.max_local_cpu_size == 0.25
     assert cfg.local_cpu is False
-    assert cfg.extra_config == {"a": 1, "b": [2]}
     assert cfg.remote_url is None
     assert cfg.local_disk is None
 
@@ -287,7 +291,6 @@ def test_bad_bool_from_env(text):
         ("pin_timeout_sec", -1),
         ("save_unfull_chunk", "sometimes"),
         ("log_level", "LOUD"),
-        ("extra_config", "not a mapping"),
         ("chunk_size", None),
     ],
 )

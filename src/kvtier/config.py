@@ -23,7 +23,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ LMCACHE_INERT_OPTIONS: dict[str, Any] = {
     "enable_controller": False,
     "enable_p2p": False,
     "enable_pd": False,
+    "extra_config": {},  # LMCache's free-form plugin options: kvtier has no plugin that would read them
     "internal_api_server_enabled": False,
     "local_cpu_use_hugepages": False,
     "local_disk_path_sharding": ANY,  # one disk tier per engine: no sharding to choose
@@ -177,8 +178,6 @@ class KVTierConfig:
     """Fraction of cache hits an integration recomputes without the cache to compare (0: off; for tests)."""
     log_level: str = "INFO"
     """Logging level of the ``kvtier`` logger."""
-    extra_config: dict[str, Any] = field(default_factory=dict)
-    """Free-form options (LMCache's ``extra_config``), kept for the integrations that read them."""
 
     def __post_init__(self) -> None:
         self._check_positive("chunk_size", self.chunk_size)
@@ -353,6 +352,12 @@ def _check_key(key: Any, source: str, value: Any) -> bool:
 
 
 def _same_value(value: Any, inert: Any) -> bool:
+    if isinstance(inert, dict):  # an empty mapping, or nothing
+        try:
+            parsed = yaml.safe_load(value) if isinstance(value, str) else value
+        except yaml.YAMLError:
+            return False
+        return parsed is None or parsed == inert
     if inert is None:
         return value is None or str(value).lower() in ("none", "null", "")
     if isinstance(inert, bool):
@@ -390,11 +395,6 @@ def _coerce(key: str, value: Any, source: str | None = None) -> Any:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError("not a string")
             return str(value)
-        if origin is dict:
-            parsed = yaml.safe_load(value) if isinstance(value, str) else value
-            if not isinstance(parsed, dict):
-                raise ValueError("not a mapping")
-            return parsed
     except (ValueError, TypeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{where}: invalid value {value!r} for {key} ({exc})") from None
     raise ConfigError(f"{where}: unsupported type for {key}")
