@@ -1077,3 +1077,41 @@ def test_metrics_after_traffic(make_engine):
     assert value(fams, "kvtier_pinned_chunks", tier="memory") == 0
     assert value(fams, "kvtier_background_write_queue_bytes", tier="disk") == 0
     assert value(fams, "kvtier_active_leases") == 0
+
+
+# -- segments: text cached by its own content, reused at any position ---------------------------------------
+def test_a_segment_is_found_by_its_own_tokens_wherever_it_came_from(make_engine):
+    """A segment's keys depend on its tokens only (not on what preceded it in a prompt), its trailing partial
+    chunk is kept (segments rarely end on a chunk boundary), and its key space is not the prompts' one: the same
+    tokens stored as a segment are no prefix hit, and a prefix is no segment hit."""
+    engine = make_engine()
+    segment = prompt(1, 2 * CHUNK + 9)
+    assert store_kv(engine, segment, segment=True).stored_tokens == len(segment)
+    assert engine.lookup(segment, segment=True).hit_tokens == len(segment)
+    assert engine.lookup(segment).hit_tokens == 0
+    got = engine.retrieve(segment, segment=True)
+    assert got.hit_tokens == len(segment)
+    assert_kv(got.kv, segment)
+    store_kv(engine, prompt(2, 2 * CHUNK))
+    assert engine.lookup(prompt(2, 2 * CHUNK), segment=True).hit_tokens == 0
+    assert engine.delete(segment, segment=True) == 3 and engine.lookup(segment, segment=True).hit_tokens == 0
+
+
+def test_a_longer_segment_reuses_the_whole_chunks_of_a_shorter_one(make_engine):
+    """A segment is found only whole at its tail (the partial chunk's hash commits to its length), so a segment
+    extended by a few tokens hits the full chunks they share and computes the rest."""
+    engine = make_engine()
+    short = prompt(3, CHUNK + 5)
+    store_kv(engine, short, segment=True)
+    assert engine.lookup([*short, 7, 8, 9], segment=True).hit_tokens == CHUNK
+
+
+def test_segments_of_tenants_are_apart_and_cleared_with_them(make_engine):
+    engine = make_engine(disk=True)
+    segment = prompt(4, CHUNK + 3)
+    store_kv(engine, segment, segment=True, cache_salt="a")
+    assert engine.lookup(segment, segment=True, cache_salt="b").hit_tokens == 0
+    assert engine.flush(10)
+    digests = engine.storage.tenant_namespaces("a")
+    assert engine.namespace("a", segment=True).digest in digests
+    assert engine.storage.delete_namespaces(digests) == 4  # 2 chunks, in memory and on disk

@@ -404,3 +404,28 @@ def test_replies_stay_within_the_message_limit(tmp_path) -> None:
         assert 0 < len(found) < 512 and sum(len(v) for v in found) <= (1 << 20) + 4096 + 128
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("shared_memory", [False, True])
+def test_segments_through_the_server(inproc_server, shared_memory: bool) -> None:
+    """A segment stored by one client (40 tokens: two full chunks and a partial one) is retrieved whole, bit for
+    bit, by another, over TCP and through shared memory; it is no prefix hit."""
+    segment, kv = list(range(7000, 7040)), kv_for(31, 40)
+    with inproc_server.client(shared_memory=shared_memory) as a, inproc_server.client(shared_memory=shared_memory) as b:
+        assert a.store(segment, kv, segment=True).stored_tokens == 40
+        assert b.lookup(segment, segment=True).hit_tokens == 40 and b.lookup(segment).hit_tokens == 0
+        got = b.retrieve(segment, segment=True)
+        assert got.hit_tokens == 40 and same_bits(got.kv, kv)
+        assert b.delete(segment, segment=True) == 3
+
+
+def test_a_server_without_segments_is_never_sent_one() -> None:
+    """A server that predates segments would ignore the field and answer for a prompt: the client asks for the
+    server's features first and refuses."""
+    from servers import HostileServer, scripted_reply
+
+    old = HostileServer([lambda r: [scripted_reply(r, meta={"server_id": "x", "version": "0.0", "chunk_size": 16})]])
+    client = KVTierClient(f"127.0.0.1:{old.port}", model="m", layout=LAYOUT, chunk_size=CHUNK, shared_memory=False)
+    with client, pytest.raises(ServerError, match="segments"):
+        client.lookup(list(range(16)), segment=True)
+    old.close()

@@ -142,7 +142,7 @@ class Calls:
     def stats(self) -> Call[dict[str, Any]]:
         return self._call(Op.STATS, {}, _meta, [])
 
-    def lookup(self, tokens: Any, cache_salt: str, pin: bool) -> Call[LookupReply]:
+    def lookup(self, tokens: Any, cache_salt: str, pin: bool, segment: bool = False) -> Call[LookupReply]:
         encoded = token_bytes(tokens)
         n = len(encoded) // 4
 
@@ -150,16 +150,20 @@ class Calls:
             lease = _field(reply.meta, "lease", int, None) if pin else None
             return LookupReply(_count(reply.meta, "hit_tokens", n), _tiers(reply.meta, n), lease)
 
-        return self._call(Op.LOOKUP, {"cache_salt": cache_salt, "pin": pin}, parse, [encoded])
+        return self._call(Op.LOOKUP, {**_scope(cache_salt, segment), "pin": pin}, parse, [encoded])
 
-    def store(self, tokens: Any, kv: np.ndarray, skip_tokens: int, cache_salt: str) -> Call[StoreReply]:
+    def store(
+        self, tokens: Any, kv: np.ndarray, skip_tokens: int, cache_salt: str, segment: bool = False
+    ) -> Call[StoreReply]:
         """KV in the message (sent without a copy when ``kv`` is contiguous)."""
         encoded = self._check_kv(tokens, kv)
         data = memoryview(np.ascontiguousarray(kv).reshape(-1).view(np.uint8))
-        meta = {"cache_salt": cache_salt, "skip_tokens": skip_tokens}
+        meta = {**_scope(cache_salt, segment), "skip_tokens": skip_tokens}
         return self._call(Op.STORE, meta, lambda r: _store_reply(r, len(encoded) // 4), [encoded, data])
 
-    def retrieve(self, tokens: Any, skip_tokens: int, cache_salt: str, out: np.ndarray | None) -> Call[RetrieveReply]:
+    def retrieve(
+        self, tokens: Any, skip_tokens: int, cache_salt: str, out: np.ndarray | None, segment: bool = False
+    ) -> Call[RetrieveReply]:
         """KV in the reply: tokens ``[0, hit_tokens)`` (zeros before ``skip_tokens``), copied into ``out`` from
         ``skip_tokens`` on when given (else a read-only view of the message)."""
         encoded = token_bytes(_fitting(tokens, out))
@@ -179,14 +183,16 @@ class Calls:
                 kv = out
             return RetrieveReply(hit, loaded, tiers, kv)
 
-        return self._call(Op.RETRIEVE, {"cache_salt": cache_salt, "skip_tokens": skip_tokens}, parse, [encoded])
+        meta = {**_scope(cache_salt, segment), "skip_tokens": skip_tokens}
+        return self._call(Op.RETRIEVE, meta, parse, [encoded])
 
-    def prefetch(self, tokens: Any, cache_salt: str) -> Call[None]:
-        return self._call(Op.PREFETCH, {"cache_salt": cache_salt}, lambda r: None, [token_bytes(tokens)])
+    def prefetch(self, tokens: Any, cache_salt: str, segment: bool = False) -> Call[None]:
+        return self._call(Op.PREFETCH, _scope(cache_salt, segment), lambda r: None, [token_bytes(tokens)])
 
-    def delete(self, tokens: Any, cache_salt: str) -> Call[int]:
+    def delete(self, tokens: Any, cache_salt: str, segment: bool = False) -> Call[int]:
         encoded = token_bytes(tokens)
-        return self._call(Op.DELETE, {"cache_salt": cache_salt}, lambda r: _count(r.meta, "deleted_chunks"), [encoded])
+        parse = lambda r: _count(r.meta, "deleted_chunks")  # noqa: E731
+        return self._call(Op.DELETE, _scope(cache_salt, segment), parse, [encoded])
 
     def release(self, lease: int) -> Call[bool]:
         return self._call(Op.RELEASE, {"lease": lease}, lambda r: _field(r.meta, "released", bool), [])
@@ -199,7 +205,15 @@ class Calls:
         return self._call(Op.SHM_INFO, {}, lambda r: _pool_path(r.meta), [])
 
     def store_reserve(
-        self, tokens: Any, kv: np.ndarray, skip_tokens: int, cache_salt: str, session: str, number: int, done_below: int
+        self,
+        tokens: Any,
+        kv: np.ndarray,
+        skip_tokens: int,
+        cache_salt: str,
+        session: str,
+        number: int,
+        done_below: int,
+        segment: bool = False,
     ) -> Call[Reservation]:
         """``session``: this client's liveness file; ``number``: this reservation's; ``done_below``: every
         reservation of this client numbered below it is finished (see ``client.WriterSession``)."""
@@ -217,7 +231,7 @@ class Calls:
             return Reservation(lease, _pool_path(reply.meta), chunks, _count(reply.meta, "dropped_tokens", n))
 
         meta = {
-            "cache_salt": cache_salt,
+            **_scope(cache_salt, segment),
             "skip_tokens": skip_tokens,
             "session": session,
             "reservation": number,
@@ -228,7 +242,9 @@ class Calls:
     def store_commit(self, lease: int, num_tokens: int) -> Call[StoreReply]:
         return self._call(Op.STORE_COMMIT, {"lease": lease}, lambda r: _store_reply(r, num_tokens), [])
 
-    def retrieve_pin(self, tokens: Any, skip_tokens: int, cache_salt: str, out: np.ndarray | None) -> Call[Pinned]:
+    def retrieve_pin(
+        self, tokens: Any, skip_tokens: int, cache_salt: str, out: np.ndarray | None, segment: bool = False
+    ) -> Call[Pinned]:
         encoded = token_bytes(_fitting(tokens, out))
         n = len(encoded) // 4
 
@@ -243,7 +259,8 @@ class Calls:
             hit, loaded, tiers = _prefix_counts(reply.meta, skip_tokens, end, n)
             return Pinned(_field(reply.meta, "lease", int), _pool_path(reply.meta), chunks, hit, loaded, tiers)
 
-        return self._call(Op.RETRIEVE_PIN, {"cache_salt": cache_salt, "skip_tokens": skip_tokens}, parse, [encoded])
+        meta = {**_scope(cache_salt, segment), "skip_tokens": skip_tokens}
+        return self._call(Op.RETRIEVE_PIN, meta, parse, [encoded])
 
     def shm_release(self, lease: int) -> Call[bool]:
         return self._call(Op.SHM_RELEASE, {"lease": lease}, lambda r: _field(r.meta, "released", bool), [])
@@ -254,6 +271,12 @@ class Calls:
         if n != len(encoded) // 4:
             raise LayoutError(f"kv holds {n} tokens, {len(encoded) // 4} tokens given")
         return encoded
+
+
+def _scope(cache_salt: str, segment: bool) -> dict[str, Any]:
+    """The tenant and key space of a prompt-level request; ``segment`` only when set (a server that predates
+    segments is never sent it: the client checks the server's features first)."""
+    return {"cache_salt": cache_salt, "segment": True} if segment else {"cache_salt": cache_salt}
 
 
 def _fitting(tokens: Any, out: np.ndarray | None) -> Any:

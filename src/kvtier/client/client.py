@@ -41,7 +41,7 @@ from kvtier.client.calls import (
 )
 from kvtier.errors import KVTierError
 from kvtier.memory.layout import KVLayout
-from kvtier.protocol import Message, ProtocolError, decode, encode, shared_memory_dir
+from kvtier.protocol import Message, ProtocolError, Status, decode, encode, shared_memory_dir
 
 T = TypeVar("T")
 
@@ -258,37 +258,66 @@ class KVTierClient:
         self.shared_memory = shared_memory
         self._arena: SharedArena | None = None
         self._session: WriterSession | None = None
+        self._server_features: frozenset[str] | None = None
         self._copiers: ThreadPoolExecutor | None = None
 
     # -- ops ----------------------------------------------------------------------------------------
     def ping(self) -> dict[str, Any]:
         return self.connection.call(self.calls.ping())
 
-    def lookup(self, tokens: Any, *, cache_salt: str = "", pin: bool = False) -> LookupReply:
-        return self.connection.call(self.calls.lookup(tokens, cache_salt, pin))
+    def lookup(self, tokens: Any, *, cache_salt: str = "", pin: bool = False, segment: bool = False) -> LookupReply:
+        """The longest cached prefix of ``tokens``. Every prompt-level call takes ``segment``: ``tokens`` are then
+        one segment, cached by its own content and found at any position of a prompt (a server that predates
+        segments is refused with ServerError rather than sent a field it would ignore)."""
+        self._check_segments(segment)
+        return self.connection.call(self.calls.lookup(tokens, cache_salt, pin, segment))
 
-    def store(self, tokens: Any, kv: np.ndarray, *, skip_tokens: int = 0, cache_salt: str = "") -> StoreReply:
+    def store(
+        self, tokens: Any, kv: np.ndarray, *, skip_tokens: int = 0, cache_salt: str = "", segment: bool = False
+    ) -> StoreReply:
         """Store ``kv`` ``(layers, kv, tokens, heads, head_dim)`` for ``tokens``: through shared memory when
         available, else in one message (sent without a copy when ``kv`` is contiguous)."""
+        self._check_segments(segment)
         if self._use_shared_memory():
-            return self._store_shared(tokens, kv, skip_tokens, cache_salt)
-        return self.connection.call(self.calls.store(tokens, kv, skip_tokens, cache_salt))
+            return self._store_shared(tokens, kv, skip_tokens, cache_salt, segment)
+        return self.connection.call(self.calls.store(tokens, kv, skip_tokens, cache_salt, segment))
 
     def retrieve(
-        self, tokens: Any, *, out: np.ndarray | None = None, skip_tokens: int = 0, cache_salt: str = ""
+        self,
+        tokens: Any,
+        *,
+        out: np.ndarray | None = None,
+        skip_tokens: int = 0,
+        cache_salt: str = "",
+        segment: bool = False,
     ) -> RetrieveReply:
         """The KV of the longest cached prefix, copied into ``out`` when given (else a new array, or a
         read-only view of the received message over TCP). With a hit of 0, what ``out`` holds is undefined (a
         shared-memory copy the server could not confirm as complete is a miss)."""
+        self._check_segments(segment)
         if self._use_shared_memory():
-            return self._retrieve_shared(tokens, skip_tokens, cache_salt, out)
-        return self.connection.call(self.calls.retrieve(tokens, skip_tokens, cache_salt, out))
+            return self._retrieve_shared(tokens, skip_tokens, cache_salt, out, segment)
+        return self.connection.call(self.calls.retrieve(tokens, skip_tokens, cache_salt, out, segment))
 
-    def prefetch(self, tokens: Any, *, cache_salt: str = "") -> None:
-        self.connection.call(self.calls.prefetch(tokens, cache_salt))
+    def prefetch(self, tokens: Any, *, cache_salt: str = "", segment: bool = False) -> None:
+        self._check_segments(segment)
+        self.connection.call(self.calls.prefetch(tokens, cache_salt, segment))
 
-    def delete(self, tokens: Any, *, cache_salt: str = "") -> int:
-        return self.connection.call(self.calls.delete(tokens, cache_salt))
+    def delete(self, tokens: Any, *, cache_salt: str = "", segment: bool = False) -> int:
+        self._check_segments(segment)
+        return self.connection.call(self.calls.delete(tokens, cache_salt, segment))
+
+    def _check_segments(self, segment: bool) -> None:
+        if segment and "segments" not in self._features():
+            raise ServerError(Status.UNKNOWN_OP, f"the server at {self.connection.url} does not cache segments")
+
+    def _features(self) -> frozenset[str]:
+        """What the server supports beyond protocol version 1 as first published (asked once, by PING)."""
+        if self._server_features is None:
+            features = self.ping().get("features", [])
+            listed = features if isinstance(features, list) else []
+            self._server_features = frozenset(f for f in listed if isinstance(f, str))
+        return self._server_features
 
     def release(self, lease: int) -> bool:
         return self.connection.call(self.calls.release(lease))
@@ -321,12 +350,14 @@ class KVTierClient:
             self._arena = SharedArena.open(path)
         return self._arena
 
-    def _store_shared(self, tokens: Any, kv: np.ndarray, skip_tokens: int, cache_salt: str) -> StoreReply:
+    def _store_shared(
+        self, tokens: Any, kv: np.ndarray, skip_tokens: int, cache_salt: str, segment: bool
+    ) -> StoreReply:
         session = self._session = self._session or WriterSession()
         number = session.begin()
         try:
             call = self.calls.store_reserve(
-                tokens, kv, skip_tokens, cache_salt, session.name, number, session.done_below()
+                tokens, kv, skip_tokens, cache_salt, session.name, number, session.done_below(), segment
             )
             reserved = self.connection.call(call)
             try:
@@ -351,8 +382,10 @@ class KVTierClient:
             for dst, src in pairs:
                 np.copyto(dst, src)
 
-    def _retrieve_shared(self, tokens: Any, skip_tokens: int, cache_salt: str, out: np.ndarray | None) -> RetrieveReply:
-        pinned = self.connection.call(self.calls.retrieve_pin(tokens, skip_tokens, cache_salt, out))
+    def _retrieve_shared(
+        self, tokens: Any, skip_tokens: int, cache_salt: str, out: np.ndarray | None, segment: bool
+    ) -> RetrieveReply:
+        pinned = self.connection.call(self.calls.retrieve_pin(tokens, skip_tokens, cache_salt, out, segment))
         end = pinned.chunks[-1].end if pinned.chunks else 0
         kv = out if out is not None else np.zeros(self.layout.chunk_shape(end), self.layout.element.numpy_name)
         try:

@@ -31,12 +31,14 @@ from kvtier.storage.base import StorageTier
 from kvtier.storage.registry import build_storage
 from kvtier.storage.tiered import TieredStorage
 from kvtier.tokens.chunking import Chunk, Chunker
+from kvtier.tokens.hashing import HASH_SCHEME
 from kvtier.tokens.keys import CacheKey, Namespace
 
 log = logging.getLogger("kvtier")
 # Below this chunk size, handing a copy to another thread costs more than the copy itself.
 PARALLEL_COPY_MIN_BYTES = 1 << 20
 MAX_NAMESPACES = 4096  # tenants' namespaces an engine keeps built
+SEGMENT_HASH_SCHEME = HASH_SCHEME + "+segment"  # segments' key space (see CacheEngine.namespace)
 
 
 @dataclass(slots=True)
@@ -82,8 +84,9 @@ class CacheEngine:
         self.layout = layout
         self.metrics = storage.metrics if storage is not None else metrics or CacheMetrics()
         self.chunker = Chunker(config.chunk_size, config.save_unfull_chunk)
+        self._segment_chunker = Chunker(config.chunk_size, include_partial=True)
         self._base_namespace = Namespace(model_name, layout.descriptor(), world_size, rank)
-        self._namespaces: dict[str, Namespace] = {"": self._base_namespace}
+        self._namespaces: dict[tuple[str, bool], Namespace] = {("", False): self._base_namespace}
         self._owns_storage = storage is None
         self.storage = build_storage(config, self.metrics) if storage is None else storage
         self.leases = LeaseTable(config.pin_timeout_sec, self.storage.unpin)
@@ -98,35 +101,43 @@ class CacheEngine:
         logging.getLogger("kvtier").setLevel(config.log_level.upper())
 
     # -- keys ---------------------------------------------------------------------------------------
-    def namespace(self, cache_salt: str = "") -> Namespace:
-        """The namespace of tenant ``cache_salt``. Namespaces are kept for reuse (their digest costs a hash),
-        at most ``MAX_NAMESPACES`` of them: a server's clients may send any number of salts."""
-        ns = self._namespaces.get(cache_salt)
+    def namespace(self, cache_salt: str = "", segment: bool = False) -> Namespace:
+        """The namespace of tenant ``cache_salt``: of prompts (prefix-chained from the prompt's start), or of
+        segments (``segment``: text cached by its own content, to be reused at any position; a key space of its
+        own, so a segment's chunk never answers for a prompt's). Namespaces are kept for reuse (their digest costs
+        a hash), at most ``MAX_NAMESPACES`` of them: a server's clients may send any number of salts."""
+        ns = self._namespaces.get((cache_salt, segment))
         if ns is None:
             base = self._base_namespace
-            ns = Namespace(base.model_name, base.layout, base.world_size, base.rank, cache_salt)
+            scheme = SEGMENT_HASH_SCHEME if segment else base.hash_scheme
+            ns = Namespace(base.model_name, base.layout, base.world_size, base.rank, cache_salt, scheme)
             if len(self._namespaces) >= MAX_NAMESPACES:
-                self._namespaces = {"": self._base_namespace}  # start over: rebuilding one is cheap
-            self._namespaces[cache_salt] = ns
+                self._namespaces = {("", False): self._base_namespace}  # start over: rebuilding one is cheap
+            self._namespaces[(cache_salt, segment)] = ns
         return ns
 
-    def chunk_keys(self, tokens: Any, cache_salt: str = "") -> tuple[list[Chunk], list[CacheKey]]:
-        chunks = self.chunker.chunks(tokens)
-        ns = self.namespace(cache_salt)
+    def chunk_keys(
+        self, tokens: Any, cache_salt: str = "", segment: bool = False
+    ) -> tuple[list[Chunk], list[CacheKey]]:
+        """The chunks of ``tokens`` and their keys. A segment keeps its trailing partial chunk: it is found again
+        only as the same whole segment, which is how segments are reused."""
+        chunks = (self._segment_chunker if segment else self.chunker).chunks(tokens)
+        ns = self.namespace(cache_salt, segment)
         return chunks, [ns.key(c.hash) for c in chunks]
 
     # -- lookup -------------------------------------------------------------------------------------
-    def lookup(self, tokens: Any, *, cache_salt: str = "", pin: bool = False) -> LookupResult:
+    def lookup(self, tokens: Any, *, cache_salt: str = "", pin: bool = False, segment: bool = False) -> LookupResult:
         """Length of the longest cached prefix of ``tokens``. Adds or removes nothing; it counts as a use of
         the prefix for eviction (tail first, so the head is kept longest).
 
         With ``pin=True`` the prefix's chunks are pinned under a :class:`Lease` (in the result) until
-        :meth:`release` or ``pin_timeout_sec``, so a following retrieve finds them.
+        :meth:`release` or ``pin_timeout_sec``, so a following retrieve finds them. Every call takes ``segment``:
+        ``tokens`` are then one segment, cached by its own content (see :meth:`namespace`).
         """
         started = time.perf_counter()
         self.leases.expire()
         num_tokens = _token_count(tokens)
-        chunks, keys = self.chunk_keys(tokens, cache_salt)
+        chunks, keys = self.chunk_keys(tokens, cache_salt, segment)
         sources = self._locate(chunks, keys)
         hit = chunks[len(sources) - 1].end if sources else 0
         lease = None
@@ -160,7 +171,14 @@ class CacheEngine:
 
     # -- store --------------------------------------------------------------------------------------
     def store(
-        self, tokens: Any, kv: Any, *, skip_tokens: int = 0, mask: Any = None, cache_salt: str = ""
+        self,
+        tokens: Any,
+        kv: Any,
+        *,
+        skip_tokens: int = 0,
+        mask: Any = None,
+        cache_salt: str = "",
+        segment: bool = False,
     ) -> StoreResult:
         """Store the KV of ``tokens``; chunks already cached are skipped (cheap dedup).
 
@@ -172,7 +190,9 @@ class CacheEngine:
         """
         source = as_source(kv, self.layout)
         _check_covers(source, _token_count(tokens), "kv")
-        reservation = self.reserve(tokens, skip_tokens=skip_tokens, mask=mask, cache_salt=cache_salt, source=source)
+        reservation = self.reserve(
+            tokens, skip_tokens=skip_tokens, mask=mask, cache_salt=cache_salt, segment=segment, source=source
+        )
         try:
             copies = [
                 partial(source.read_into, obj, c.start, c.end)
@@ -186,7 +206,14 @@ class CacheEngine:
         return self.commit(reservation)
 
     def reserve(
-        self, tokens: Any, *, skip_tokens: int = 0, mask: Any = None, cache_salt: str = "", source: Any = None
+        self,
+        tokens: Any,
+        *,
+        skip_tokens: int = 0,
+        mask: Any = None,
+        cache_salt: str = "",
+        segment: bool = False,
+        source: Any = None,
     ) -> Reservation:
         """Set aside memory for the chunks of ``tokens`` not cached yet, for a caller that fills them itself
         (:meth:`store`, or a client writing through shared memory); then :meth:`commit` or :meth:`abandon`.
@@ -195,7 +222,7 @@ class CacheEngine:
         this prefix. ``source`` (optional) is where the KV will be copied from, to align chunk memory with it.
         """
         started = time.perf_counter()
-        num_tokens, _, todo = self._chunks_after(tokens, self._skip(tokens, skip_tokens, mask), cache_salt)
+        num_tokens, _, todo = self._chunks_after(tokens, self._skip(tokens, skip_tokens, mask), cache_salt, segment)
         present = [self.storage.contains_any(k) for _, k in todo]
         cached = [k for (_, k), p in zip(todo, present, strict=True) if p]
         held = self.storage.pin_in_memory(cached)
@@ -279,7 +306,14 @@ class CacheEngine:
 
     # -- retrieve -----------------------------------------------------------------------------------
     def retrieve(
-        self, tokens: Any, out: Any = None, *, skip_tokens: int = 0, mask: Any = None, cache_salt: str = ""
+        self,
+        tokens: Any,
+        out: Any = None,
+        *,
+        skip_tokens: int = 0,
+        mask: Any = None,
+        cache_salt: str = "",
+        segment: bool = False,
     ) -> RetrieveResult:
         """Copy the KV of the longest cached prefix of ``tokens`` into ``out`` (or a new numpy array).
 
@@ -288,7 +322,9 @@ class CacheEngine:
         ``skip_tokens`` (or ``mask``) is a leading part the caller already has, as in :meth:`store`.
         """
         started = time.perf_counter()
-        num_tokens, skip, wanted = self._chunks_after(tokens, self._skip(tokens, skip_tokens, mask), cache_salt)
+        num_tokens, skip, wanted = self._chunks_after(
+            tokens, self._skip(tokens, skip_tokens, mask), cache_salt, segment
+        )
         dest = as_destination(out, self.layout) if out is not None else None
         limit = getattr(dest, "num_tokens", num_tokens)
         wanted = [(c, k) for c, k in wanted if c.end <= limit]
@@ -321,11 +357,15 @@ class CacheEngine:
         self._record_retrieve(result)
         return result
 
-    def acquire(self, tokens: Any, *, skip_tokens: int = 0, mask: Any = None, cache_salt: str = "") -> Acquired:
+    def acquire(
+        self, tokens: Any, *, skip_tokens: int = 0, mask: Any = None, cache_salt: str = "", segment: bool = False
+    ) -> Acquired:
         """The chunks of the longest cached prefix, by reference (no copy): the caller reads them in place
         (the server's shared-memory path) and must ``unref()`` each object when done."""
         started = time.perf_counter()
-        num_tokens, skip, wanted = self._chunks_after(tokens, self._skip(tokens, skip_tokens, mask), cache_salt)
+        num_tokens, skip, wanted = self._chunks_after(
+            tokens, self._skip(tokens, skip_tokens, mask), cache_salt, segment
+        )
         sources = self._locate([c for c, _ in wanted], [k for _, k in wanted])
         read = self.storage.read([k for _, k in wanted[: len(sources)]], sources)
         loaded = [c for c, _ in wanted[: len(read.objs)]]
@@ -358,12 +398,12 @@ class CacheEngine:
         )
 
     # -- prefetch and lifetime ----------------------------------------------------------------------
-    def prefetch(self, tokens: Any, *, cache_salt: str = "") -> Future[int]:
+    def prefetch(self, tokens: Any, *, cache_salt: str = "", segment: bool = False) -> Future[int]:
         """Load the cached prefix of ``tokens`` from slower tiers into memory in the background.
 
         The future gives the prefix length now in memory or in a tier the next retrieve will read.
         """
-        chunks, keys = self.chunk_keys(tokens, cache_salt)
+        chunks, keys = self.chunk_keys(tokens, cache_salt, segment)
         return self._prefetcher.submit(self._prefetch, chunks, keys)
 
     def _prefetch(self, chunks: list[Chunk], keys: list[CacheKey]) -> int:
@@ -380,9 +420,9 @@ class CacheEngine:
         """Wait until background writes to slower tiers are done; False on timeout."""
         return self.storage.flush(timeout)
 
-    def delete(self, tokens: Any, *, cache_salt: str = "") -> int:
+    def delete(self, tokens: Any, *, cache_salt: str = "", segment: bool = False) -> int:
         """Remove the chunks of ``tokens`` from every tier; return how many were present."""
-        _, keys = self.chunk_keys(tokens, cache_salt)
+        _, keys = self.chunk_keys(tokens, cache_salt, segment)
         return sum(self.storage.delete(k) for k in keys)
 
     def clear(self) -> int:
@@ -409,10 +449,12 @@ class CacheEngine:
         self.close()
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _chunks_after(self, tokens: Any, skip: int, cache_salt: str) -> tuple[int, int, list[tuple[Chunk, CacheKey]]]:
+    def _chunks_after(
+        self, tokens: Any, skip: int, cache_salt: str, segment: bool
+    ) -> tuple[int, int, list[tuple[Chunk, CacheKey]]]:
         """Prompt length, ``skip``, and the (chunk, key) pairs from ``skip`` on; expires leases."""
         self.leases.expire()
-        chunks, keys = self.chunk_keys(tokens, cache_salt)
+        chunks, keys = self.chunk_keys(tokens, cache_salt, segment)
         return _token_count(tokens), skip, [(c, k) for c, k in zip(chunks, keys, strict=True) if c.start >= skip]
 
     def _skip(self, tokens: Any, skip_tokens: int, mask: Any) -> int:

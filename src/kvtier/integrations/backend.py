@@ -66,25 +66,29 @@ class KVBackend:
         """Open the engine or the connection for this model, layout and parallel rank."""
         raise NotImplementedError
 
-    def lookup(self, tokens: Any, *, cache_salt: str = "") -> int:
-        """Length of the longest cached prefix of ``tokens`` (0 when the cache cannot be reached)."""
-        return self._guard("lookup", 0, lambda: self._lookup(tokens, cache_salt))
+    def lookup(self, tokens: Any, *, cache_salt: str = "", segment: bool = False) -> int:
+        """Length of the longest cached prefix of ``tokens`` (0 when the cache cannot be reached). Each call takes
+        ``segment``: ``tokens`` are then one segment, cached by its own content (reused at any position)."""
+        return self._guard("lookup", 0, lambda: self._lookup(tokens, cache_salt, segment))
 
-    def retrieve(self, tokens: Any, out: Any, *, skip_tokens: int = 0, cache_salt: str = "") -> Loaded:
+    def retrieve(
+        self, tokens: Any, out: Any, *, skip_tokens: int = 0, cache_salt: str = "", segment: bool = False
+    ) -> Loaded:
         """Load the cached KV of ``tokens`` from ``skip_tokens`` (a multiple of ``chunk_size``) into ``out``, a
         CPU tensor ``(layers, kv, n, heads, head_dim)``; only chunks ending within ``n`` are loaded."""
         if skip_tokens % self.chunk_size:
             raise ValueError(f"skip_tokens {skip_tokens} is not a multiple of chunk_size {self.chunk_size}")
         started = time.perf_counter()
-        loaded = self._guard("retrieve", Loaded(0, 0), lambda: self._retrieve(tokens, out, skip_tokens, cache_salt))
+        call = lambda: self._retrieve(tokens, out, skip_tokens, cache_salt, segment)  # noqa: E731
+        loaded = self._guard("retrieve", Loaded(0, 0), call)
         return Loaded(loaded.loaded_end, loaded.loaded_tokens, loaded.tier_tokens, time.perf_counter() - started)
 
-    def store(self, tokens: Any, kv: Any, *, skip_tokens: int = 0, cache_salt: str = "") -> int:
+    def store(self, tokens: Any, kv: Any, *, skip_tokens: int = 0, cache_salt: str = "", segment: bool = False) -> int:
         """Store the KV of ``tokens`` (``kv`` covers all of them; tokens before ``skip_tokens``, a multiple of
         ``chunk_size``, are cached already and not read). Returns the tokens newly stored."""
         if skip_tokens % self.chunk_size:
             raise ValueError(f"skip_tokens {skip_tokens} is not a multiple of chunk_size {self.chunk_size}")
-        return self._guard("store", 0, lambda: self._store(tokens, kv, skip_tokens, cache_salt))
+        return self._guard("store", 0, lambda: self._store(tokens, kv, skip_tokens, cache_salt, segment))
 
     def close(self) -> None:
         """Release the engine or connection (an in-process engine finishes its queued disk writes)."""
@@ -102,13 +106,13 @@ class KVBackend:
                 log.warning("kvtier %s failed (%s: %s): treating it as a miss", op, type(exc).__name__, exc)
             return fallback
 
-    def _lookup(self, tokens: Any, cache_salt: str) -> int:
+    def _lookup(self, tokens: Any, cache_salt: str, segment: bool) -> int:
         raise NotImplementedError
 
-    def _retrieve(self, tokens: Any, out: Any, skip_tokens: int, cache_salt: str) -> Loaded:
+    def _retrieve(self, tokens: Any, out: Any, skip_tokens: int, cache_salt: str, segment: bool) -> Loaded:
         raise NotImplementedError
 
-    def _store(self, tokens: Any, kv: Any, skip_tokens: int, cache_salt: str) -> int:
+    def _store(self, tokens: Any, kv: Any, skip_tokens: int, cache_salt: str, segment: bool) -> int:
         raise NotImplementedError
 
 
@@ -122,16 +126,16 @@ class InProcessBackend(KVBackend):
             self.config, self.layout, model_name=model_name, world_size=world_size, rank=rank, metrics=CacheMetrics()
         )
 
-    def _lookup(self, tokens: Any, cache_salt: str) -> int:
-        return self.engine.lookup(tokens, cache_salt=cache_salt).hit_tokens
+    def _lookup(self, tokens: Any, cache_salt: str, segment: bool) -> int:
+        return self.engine.lookup(tokens, cache_salt=cache_salt, segment=segment).hit_tokens
 
-    def _retrieve(self, tokens: Any, out: Any, skip_tokens: int, cache_salt: str) -> Loaded:
-        result = self.engine.retrieve(tokens, out, skip_tokens=skip_tokens, cache_salt=cache_salt)
+    def _retrieve(self, tokens: Any, out: Any, skip_tokens: int, cache_salt: str, segment: bool) -> Loaded:
+        result = self.engine.retrieve(tokens, out, skip_tokens=skip_tokens, cache_salt=cache_salt, segment=segment)
         end = skip_tokens + result.loaded_tokens if result.loaded_tokens else 0
         return Loaded(end, result.loaded_tokens, result.tier_tokens)
 
-    def _store(self, tokens: Any, kv: Any, skip_tokens: int, cache_salt: str) -> int:
-        result = self.engine.store(tokens, kv, skip_tokens=skip_tokens, cache_salt=cache_salt)
+    def _store(self, tokens: Any, kv: Any, skip_tokens: int, cache_salt: str, segment: bool) -> int:
+        result = self.engine.store(tokens, kv, skip_tokens=skip_tokens, cache_salt=cache_salt, segment=segment)
         return result.stored_tokens
 
     def close(self) -> None:
@@ -160,19 +164,22 @@ class ServerBackend(KVBackend):
             auth_token=config.auth_token(),
         )
 
-    def _lookup(self, tokens: Any, cache_salt: str) -> int:
-        return self.client.lookup(tokens, cache_salt=cache_salt).hit_tokens
+    def _lookup(self, tokens: Any, cache_salt: str, segment: bool) -> int:
+        return self.client.lookup(tokens, cache_salt=cache_salt, segment=segment).hit_tokens
 
-    def _retrieve(self, tokens: Any, out: Any, skip_tokens: int, cache_salt: str) -> Loaded:
+    def _retrieve(self, tokens: Any, out: Any, skip_tokens: int, cache_salt: str, segment: bool) -> Loaded:
         limit = int(out.shape[2])
         if limit < len(tokens):  # the server sends every cached chunk asked for: ask only for those that fit
             tokens = tokens[: limit - limit % self.chunk_size]
-        result = self.client.retrieve(tokens, out=as_numpy(out), skip_tokens=skip_tokens, cache_salt=cache_salt)
+        result = self.client.retrieve(
+            tokens, out=as_numpy(out), skip_tokens=skip_tokens, cache_salt=cache_salt, segment=segment
+        )
         end = skip_tokens + result.loaded_tokens if result.loaded_tokens else 0
         return Loaded(end, result.loaded_tokens, result.tiers)
 
-    def _store(self, tokens: Any, kv: Any, skip_tokens: int, cache_salt: str) -> int:
-        return self.client.store(tokens, as_numpy(kv), skip_tokens=skip_tokens, cache_salt=cache_salt).stored_tokens
+    def _store(self, tokens: Any, kv: Any, skip_tokens: int, cache_salt: str, segment: bool) -> int:
+        reply = self.client.store(tokens, as_numpy(kv), skip_tokens=skip_tokens, cache_salt=cache_salt, segment=segment)
+        return reply.stored_tokens
 
     def close(self) -> None:
         self.client.close()

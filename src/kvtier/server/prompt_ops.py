@@ -16,6 +16,9 @@ from kvtier.server.replies import reply_to, store_meta
 if TYPE_CHECKING:
     from kvtier.server.service import CacheService, Handler
 
+# What this server does beyond protocol version 1 as first published; clients check before relying on it.
+FEATURES = ("segments",)  # the "segment" field of prompt and shared-memory ops
+
 
 class PromptOps:
     def __init__(self, service: CacheService) -> None:
@@ -36,13 +39,14 @@ class PromptOps:
 
     def ping(self, request: Message) -> Message:
         s = self.service
-        return reply_to(request, {"server_id": s.server_id, "version": __version__, "chunk_size": s.config.chunk_size})
+        meta = {"server_id": s.server_id, "version": __version__, "chunk_size": s.config.chunk_size}
+        return reply_to(request, {**meta, "features": list(FEATURES)})
 
     def lookup(self, request: Message) -> Message:
         s = self.service
         engine, tokens = s.engine_for(request.meta), s.tokens(request)
         pin = get_field(request.meta, "pin", bool, False)
-        result = engine.lookup(tokens, cache_salt=s.salt(request.meta), pin=pin)
+        result = engine.lookup(tokens, cache_salt=s.salt(request.meta), pin=pin, segment=s.segment(request))
         lease = result.lease.id if result.lease else None
         return reply_to(request, {"hit_tokens": result.hit_tokens, "tiers": result.tier_tokens, "lease": lease})
 
@@ -55,7 +59,9 @@ class PromptOps:
         if len(frame) != layout.chunk_bytes(len(tokens)):
             raise ProtocolError(f"KV frame has {len(frame)} bytes, {layout.chunk_bytes(len(tokens))} expected")
         kv = np.frombuffer(frame, dtype=layout.element.numpy_name).reshape(layout.chunk_shape(len(tokens)))
-        result = engine.store(tokens, kv, skip_tokens=s.skip_tokens(request), cache_salt=s.salt(request.meta))
+        result = engine.store(
+            tokens, kv, skip_tokens=s.skip_tokens(request), cache_salt=s.salt(request.meta), segment=s.segment(request)
+        )
         return reply_to(request, store_meta(result))
 
     def retrieve(self, request: Message) -> Message:
@@ -65,18 +71,20 @@ class PromptOps:
         if fits < len(tokens):
             tokens = tokens[: fits - fits % s.config.chunk_size]
             skip = min(skip, len(tokens))
-        result = engine.retrieve(tokens, skip_tokens=skip, cache_salt=s.salt(request.meta))
+        result = engine.retrieve(tokens, skip_tokens=skip, cache_salt=s.salt(request.meta), segment=s.segment(request))
         meta = {"hit_tokens": result.hit_tokens, "loaded_tokens": result.loaded_tokens, "tiers": result.tier_tokens}
         return reply_to(request, meta, [memoryview(np.ascontiguousarray(result.kv).reshape(-1).view(np.uint8))])
 
     def prefetch(self, request: Message) -> Message:
         s = self.service
-        s.engine_for(request.meta).prefetch(s.tokens(request), cache_salt=s.salt(request.meta))
+        engine = s.engine_for(request.meta)
+        engine.prefetch(s.tokens(request), cache_salt=s.salt(request.meta), segment=s.segment(request))
         return reply_to(request, {"accepted": True})
 
     def delete(self, request: Message) -> Message:
         s = self.service
-        deleted = s.engine_for(request.meta).delete(s.tokens(request), cache_salt=s.salt(request.meta))
+        engine = s.engine_for(request.meta)
+        deleted = engine.delete(s.tokens(request), cache_salt=s.salt(request.meta), segment=s.segment(request))
         return reply_to(request, {"deleted_chunks": deleted})
 
     def clear(self, request: Message) -> Message:

@@ -150,6 +150,11 @@ class CacheService:
         return np.frombuffer(frame, dtype="<u4")
 
     @staticmethod
+    def segment(request: Message) -> bool:
+        """Whether the request's tokens are one segment (cached by its own content) rather than a prompt."""
+        return get_field(request.meta, "segment", bool, False)
+
+    @staticmethod
     def skip_tokens(request: Message) -> int:
         """Leading tokens the client has already (the engine checks it against the prompt and chunk size)."""
         return get_field(request.meta, "skip_tokens", int, 0)

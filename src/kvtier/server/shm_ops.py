@@ -42,7 +42,9 @@ class SharedMemoryOps:
             raise ProtocolError("session must name the client's liveness file (kvtier-client-<pid>-<32 hex>)")
         number, done_below = get_field(request.meta, "reservation", int), get_field(request.meta, "done_below", int)
         self.leases.settle(writer, done_below)  # orphans first: their memory may be what this one needs
-        reservation = engine.reserve(tokens, skip_tokens=s.skip_tokens(request), cache_salt=s.salt(request.meta))
+        reservation = engine.reserve(
+            tokens, skip_tokens=s.skip_tokens(request), cache_salt=s.salt(request.meta), segment=s.segment(request)
+        )
         lease = self.leases.open(
             lambda: engine.abandon(reservation), lambda: engine.commit(reservation), writer=writer, number=number
         )
@@ -60,7 +62,9 @@ class SharedMemoryOps:
         """Hand out the cached prefix's chunks in place; the client copies them, then releases the lease."""
         s = self.service
         engine, tokens = s.engine_for(request.meta), s.tokens(request)
-        acquired = engine.acquire(tokens, skip_tokens=s.skip_tokens(request), cache_salt=s.salt(request.meta))
+        acquired = engine.acquire(
+            tokens, skip_tokens=s.skip_tokens(request), cache_salt=s.salt(request.meta), segment=s.segment(request)
+        )
 
         def release() -> None:
             for obj in acquired.objs:
