@@ -148,7 +148,7 @@ def test_unknown_yaml_key(tmp_path):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("key", ["enable_blending", "use_layerwise", "remote_serde", "enable_pd"])
+@pytest.mark.parametrize("key", ["use_layerwise", "remote_serde", "enable_pd"])
 def test_unsupported_lmcache_key(tmp_path, key):
     """LMCache options kvtier lacks are rejected with 'not supported', not 'unknown', when turned on."""
     path = write_yaml(tmp_path, f"{key}: true\n")
@@ -170,7 +170,7 @@ def test_lmcache_file_with_inert_options_loads(tmp_path):
 def test_unsupported_lmcache_key_as_override():
     """The same check applies to overrides."""
     with pytest.raises(ConfigError, match="not supported"):
-        load_config(env={}, overrides={"enable_blending": True})
+        load_config(env={}, overrides={"enable_pd": True})
     with pytest.raises(ConfigError, match="bogus"):
         load_config(env={}, overrides={"bogus": 1})
 
@@ -222,9 +222,30 @@ def test_lmcache_extra_config_loads_empty_and_is_refused_with_options(tmp_path, 
 
 def test_lmcache_env_option_kvtier_lacks_is_checked():
     """An LMCache option kvtier does not implement loads when it says "off" and fails when it asks for more."""
-    assert load_config(env={"LMCACHE_ENABLE_BLENDING": "false", "LMCACHE_REMOTE_SERDE": "naive"}) == KVTierConfig()
-    with pytest.raises(ConfigError, match=r"LMCACHE_ENABLE_BLENDING.*not supported"):
-        load_config(env={"LMCACHE_ENABLE_BLENDING": "1"})
+    assert load_config(env={"LMCACHE_ENABLE_PD": "false", "LMCACHE_REMOTE_SERDE": "naive"}) == KVTierConfig()
+    with pytest.raises(ConfigError, match=r"LMCACHE_ENABLE_PD.*not supported"):
+        load_config(env={"LMCACHE_ENABLE_PD": "1"})
+
+
+def test_lmcache_blending_keys_load_with_their_names():
+    """LMCache's CacheBlend keys and variables mean the same here."""
+    env = {
+        "LMCACHE_ENABLE_BLENDING": "True",
+        "LMCACHE_BLEND_SPECIAL_STR": " # # ",
+        "LMCACHE_BLEND_RECOMPUTE_RATIOS": "0.3",
+        "LMCACHE_BLEND_CHECK_LAYERS": "2",
+        "LMCACHE_BLEND_MIN_TOKENS": "64",
+    }
+    cfg = load_config(env=env)
+    assert cfg.enable_blending and cfg.blend_special_str == " # # " and cfg.blend_recompute_ratios == 0.3
+    assert (cfg.blend_check_layers, cfg.blend_min_tokens) == (2, 64)
+    for bad in (
+        {"blend_recompute_ratios": 1.5},
+        {"blend_check_layers": 0},
+        {"enable_blending": True, "blend_special_str": ""},
+    ):
+        with pytest.raises(ConfigError, match="blend"):
+            load_config(env={}, overrides=bad)
 
 
 def test_env_values_are_typed():

@@ -43,7 +43,6 @@ ANY = object()
 LMCACHE_INERT_OPTIONS: dict[str, Any] = {
     "blocking_timeout_secs": ANY,  # kvtier's remote_timeout_sec: a slow store becomes misses, not waits
     "enable_async_loading": False,
-    "enable_blending": False,
     "enable_controller": False,
     "enable_p2p": False,
     "enable_pd": False,
@@ -176,6 +175,17 @@ class KVTierConfig:
     """How long an integration waits for the server before treating the request as a miss."""
     verify_sample_rate: float = 0.0
     """Fraction of cache hits an integration recomputes without the cache to compare (0: off; for tests)."""
+    enable_blending: bool = False
+    """Reuse cached segments anywhere in a prompt, not only a cached prefix (CacheBlend): each segment's KV is
+    moved to its new position and the tokens that deviate most are recomputed (``docs/blending.md``)."""
+    blend_special_str: str = " # # "
+    """Separator between a prompt's segments (its token ids are searched for in the prompt)."""
+    blend_recompute_ratios: float = 0.15
+    """Fraction of a blended prompt's reused tokens recomputed (0: reuse the stored KV as it is; 1: recompute all)."""
+    blend_check_layers: int = 1
+    """Leading layers computed for every token; the tokens to recompute are chosen at the last of them."""
+    blend_min_tokens: int = 256
+    """Segments shorter than this are neither stored nor reused as segments (too little to be worth a lookup)."""
     log_level: str = "INFO"
     """Logging level of the ``kvtier`` logger."""
 
@@ -210,6 +220,12 @@ class KVTierConfig:
                 raise ConfigError(f"{name} must be >= 0, got {value!r}")
             if name != "pin_timeout_sec" and math.isinf(value):  # sizes become byte counts
                 raise ConfigError(f"{name} must be finite, got {value!r}")
+        if not 0 <= self.blend_recompute_ratios <= 1:
+            raise ConfigError(f"blend_recompute_ratios must be between 0 and 1, got {self.blend_recompute_ratios!r}")
+        self._check_positive("blend_check_layers", self.blend_check_layers)
+        self._check_positive("blend_min_tokens", self.blend_min_tokens)
+        if self.enable_blending and not self.blend_special_str:
+            raise ConfigError("blend_special_str must not be empty when enable_blending is on")
         if self.verify_sample_rate > 1:
             raise ConfigError(f"verify_sample_rate must be between 0 and 1, got {self.verify_sample_rate!r}")
         if self.max_local_cpu_size <= 0:
