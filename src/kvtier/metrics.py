@@ -270,6 +270,16 @@ class IntegrationMetrics:
         self._verify_max: dict[str, float] = {}
         self.verify_max_abs_diff.add_source(lambda: {(what,): v for what, v in self._verify_max.items()})
         self.ttft_seconds = _h(r, "kvtier_integration_ttft_seconds", "Time to first token of a prompt.")
+        self.blended_prompts = _c(r, "kvtier_blend_prompts_total", "Prompts prefilled by blending cached segments.")
+        self.blend_segments = _c(
+            r,
+            "kvtier_blend_segments_total",
+            "Segments of prompts looked up while blending, by result (hit: found whole or in part, miss).",
+            ("result",),
+        )
+        self.recomputed_tokens = _c(
+            r, "kvtier_blend_recomputed_tokens_total", "Loaded segment tokens recomputed by blending (selective)."
+        )
 
     def observe_verify(self, what: str, max_abs_diff: float) -> None:
         self._verify_max[what] = max(self._verify_max.get(what, 0.0), max_abs_diff)

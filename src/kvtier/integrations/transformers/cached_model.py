@@ -4,6 +4,12 @@ Before prefill the longest cached prefix of the prompt is loaded into a ``Dynami
 on the remaining tokens; after prefill the prompt's new chunks are stored. The cache is an in-process engine
 or a ``kvtier server`` (:mod:`kvtier.integrations.backend`); which one is configuration.
 
+With ``enable_blending`` the prompt's segments (cut at ``blend_special_str``, or given) are cached by their own
+content too, and reused wherever they appear: their KV is moved to its new positions and blended
+(:mod:`kvtier.integrations.transformers.blend`, CacheBlend's selective recompute). A blended prompt stores its
+segments, and its prefix chunks only up to its first reused segment: the KV after it is an approximation, which
+must never be served as a prefix hit.
+
 Works with Llama/Qwen/Mistral-style decoders (any number of KV heads, so GQA too) in fp32/fp16/bf16, on CPU
 or CUDA: kvtier's chunks are ``(layers, kv, tokens, kv_heads, head_dim)``; a layer's keys in the cache are
 ``(batch=1, kv_heads, tokens, head_dim)``, so loading and storing are a transpose per layer.
@@ -22,7 +28,10 @@ import torch
 from kvtier.config import KVTierConfig, load_config
 from kvtier.engine.results import describe_tiers
 from kvtier.integrations.backend import KVBackend, open_backend
+from kvtier.integrations.transformers.blend import Blender
 from kvtier.memory.layout import KVLayout
+from kvtier.tokens import segments as segmenting
+from kvtier.tokens.segments import Segment
 
 log = logging.getLogger("kvtier")
 
@@ -43,14 +52,23 @@ class Prefill:
     cache: Any  # the DynamicCache holding the whole prompt, ready for decoding
     prompt_tokens: int
     reused_tokens: int  # loaded from kvtier and not computed
-    computed_tokens: int
-    tier_tokens: dict[str, int]
+    computed_tokens: int  # computed fresh (not in the cache)
+    tier_tokens: dict[str, int]  # loaded, by tier (prefix and segments)
     load_seconds: float  # retrieve + building the cache
     forward_seconds: float
     ttft_seconds: float  # request start until the first token is known
     stored_tokens: int = 0
     store_seconds: float = 0.0
     verification: Verification | None = None
+    recomputed_tokens: int = 0  # loaded from kvtier, then recomputed by blending
+    segments_reused: int = 0  # segments found in the cache (whole or in part) and blended in
+    segments: list[Segment] = field(default_factory=list)  # the prompt's cacheable segments
+    segment_hits: list[int] = field(default_factory=list)  # tokens of each segment found cached (-1: in the prefix)
+    exact_tokens: int | None = None  # leading tokens whose KV is what a full prefill gives (None: all)
+
+    @property
+    def blended(self) -> bool:
+        return self.segments_reused > 0
 
     @property
     def first_token(self) -> int:
@@ -78,7 +96,8 @@ class CachedCausalLM:
     """Prefill and greedy generation of a causal LM, reusing KV through kvtier.
 
     ``backend``: where KV lives; by default one is opened from ``config`` (an in-process engine, or the server at
-    ``config.server_url``) and closed with this object. ``cache_salt`` separates tenants.
+    ``config.server_url``) and closed with this object. ``cache_salt`` separates tenants. ``tokenizer`` (needed
+    for blending by separator): the model's, to find ``blend_special_str``'s ids in prompts.
     """
 
     def __init__(
@@ -89,16 +108,23 @@ class CachedCausalLM:
         config: KVTierConfig | None = None,
         model_name: str | None = None,
         cache_salt: str = "",
+        tokenizer: Any = None,
     ) -> None:
         self.model = model.eval()
         self.layout = kv_layout_of(model)
         self.config = config or (backend.config if backend is not None else load_config())
+        # Refuses, naming the reason, a model whose KV cannot be moved to other positions (before opening anything).
+        self.blender = Blender(model) if self.config.enable_blending else None
         self.model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self._owns_backend = backend is None
         self.backend = backend or open_backend(self.config, self.layout, model_name=self.model_name)
         self.metrics = self.backend.metrics
         self.cache_salt = cache_salt
         self.device = next(model.parameters()).device
+        self.tokenizer = tokenizer
+        self.separator: list[int] = []
+        if self.blender is not None and tokenizer is not None:
+            self.separator = list(tokenizer(self.config.blend_special_str, add_special_tokens=False).input_ids)
         self._random = random.Random(0)
         self._staging_buffer: torch.Tensor | None = None  # prefill is not thread-safe: one prompt at a time
 
@@ -106,51 +132,159 @@ class CachedCausalLM:
     def from_pretrained(
         cls, path: str, *, config: KVTierConfig | None = None, dtype: Any = torch.float32, device: str = "cpu"
     ) -> CachedCausalLM:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-        return cls(model, config=config, model_name=str(path).rstrip("/").rsplit("/", 1)[-1])
+        name = str(path).rstrip("/").rsplit("/", 1)[-1]
+        return cls(model, config=config, model_name=name, tokenizer=AutoTokenizer.from_pretrained(path))
+
+    def join(self, texts: list[str]) -> tuple[list[int], list[Segment]]:
+        """Token ids of ``texts`` joined by the separator, and each text's segment: each text is tokenized on its
+        own, so the separator's ids appear as they are (a tokenizer may merge a separator with its neighbours)."""
+        if self.tokenizer is None or not self.separator:
+            raise ValueError("joining texts into segments needs enable_blending and the model's tokenizer")
+        pieces = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        return segmenting.join(pieces, self.separator)
 
     # -- prefill ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, input_ids: Any, *, use_cache: bool = True, store: bool = True) -> Prefill:
-        """Run the prompt: load its cached prefix, compute the rest, store what is new.
+    def prefill(
+        self,
+        input_ids: Any,
+        *,
+        use_cache: bool = True,
+        store: bool = True,
+        segments: list[tuple[int, int]] | None = None,
+    ) -> Prefill:
+        """Run the prompt: load its cached prefix (and, blending, its cached segments), compute the rest, store
+        what is new.
 
-        ``use_cache=False`` computes everything and stores nothing (the no-cache baseline).
+        ``use_cache=False`` computes everything and stores nothing (the no-cache baseline). ``segments``: the
+        prompt's segments as ``(start, end)`` token ranges, instead of cutting it at the separator.
         """
         started = time.perf_counter()
         ids = _as_ids(input_ids)
         n = len(ids)
         if n == 0:
             raise ValueError("empty prompt")
+        if not use_cache:
+            return self._full_prefill(ids, started)
         tokens = ids.numpy()
-        staged, loaded_end, tiers = None, 0, {}
-        if use_cache:
-            staged = self._staging(n)
-            loaded = self.backend.retrieve(tokens, staged, cache_salt=self.cache_salt)
-            loaded_end, tiers = loaded.loaded_end, loaded.tier_tokens
-        reused = min(loaded_end, n - 1)  # the model must compute at least the last token to give its logits
-        cache = self._cache_from(staged, reused)
-        loaded_at = time.perf_counter()
-        logits = self._forward(ids, reused, cache)
-        first_token_at = time.perf_counter()
-        result = Prefill(
-            logits=logits,
-            cache=cache,
-            prompt_tokens=n,
-            reused_tokens=reused,
-            computed_tokens=n - reused,
-            tier_tokens=tiers,
-            load_seconds=loaded_at - started,
-            forward_seconds=first_token_at - loaded_at,
-            ttft_seconds=first_token_at - started,
-        )
+        staged = self._staging(n)
+        loaded = self.backend.retrieve(tokens, staged, cache_salt=self.cache_salt)
+        tiers = dict(loaded.tier_tokens)
+        exact = min(loaded.loaded_end, n - 1)  # the model must compute at least the last token to give its logits
+        pieces = self._segments_of(tokens, segments)
+        reused, hits = self._load_segments(tokens, staged, pieces, exact, tiers)
+        if reused is not None:
+            result = self._blended_prefill(ids, staged, exact, reused, hits, tiers, started)
+        else:
+            cache = self._cache_from(staged, exact)
+            loaded_at = time.perf_counter()
+            logits = self._forward(ids, exact, cache)
+            done = time.perf_counter()
+            load, forward = loaded_at - started, done - loaded_at
+            result = Prefill(logits, cache, n, exact, n - exact, tiers, load, forward, done - started)
+        result.segments, result.segment_hits = pieces, hits
         self._record(result)
-        if use_cache and store:
-            self._store(tokens, cache, loaded_end, staged, result)
-        if use_cache and reused and self._should_verify():
+        if store:
+            self._store(tokens, result, loaded.loaded_end, staged)
+        if (result.reused_tokens or result.blended) and self._should_verify():
             result.verification = self.verify(ids, result)
         return result
+
+    def _full_prefill(self, ids: torch.Tensor, started: float) -> Prefill:
+        cache = self._cache_from(None, 0)
+        logits = self._forward(ids, 0, cache)
+        done = time.perf_counter()
+        n = len(ids)
+        result = Prefill(logits, cache, n, 0, n, {}, 0.0, done - started, done - started)
+        self._record(result)
+        return result
+
+    def _segments_of(self, tokens: Any, given: list[tuple[int, int]] | None) -> list[Segment]:
+        """The prompt's segments worth caching (``blend_min_tokens`` or more): given, or cut at the separator."""
+        if self.blender is None:
+            return []
+        found = segmenting.spans(given, len(tokens)) if given is not None else None
+        if found is None:
+            found = segmenting.split(tokens, self.separator) if self.separator else []
+        return [s for s in found if s.num_tokens >= self.config.blend_min_tokens]
+
+    def _load_segments(
+        self, tokens: Any, staged: torch.Tensor, pieces: list[Segment], exact: int, tiers: dict[str, int]
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        """Load each segment past the cached prefix into ``staged`` at its position, its keys turned there.
+        Returns which tokens were loaded (None when no segment was found) and each segment's tokens found."""
+        reused = torch.zeros(len(tokens), dtype=torch.bool)
+        hits = [-1 if p.end <= exact else self._load_segment(tokens, staged, p, exact, tiers, reused) for p in pieces]
+        found = sum(1 for h in hits if h > 0)
+        if pieces:
+            self.metrics.blend_segments.inc(found, result="hit")
+            self.metrics.blend_segments.inc(sum(1 for h in hits if h == 0), result="miss")
+        return (reused if found else None), hits
+
+    def _load_segment(
+        self,
+        tokens: Any,
+        staged: torch.Tensor,
+        piece: Segment,
+        exact: int,
+        tiers: dict[str, int],
+        reused: torch.Tensor,
+    ) -> int:
+        """Load one segment, turn its keys to its positions, mark its tokens in ``reused``; tokens found."""
+        assert self.blender is not None
+        aside = piece.start < exact  # reaching into the prefix: loaded aside, the prefix's exact KV is kept
+        target = staged[:, :, piece.start : piece.end]
+        if aside:
+            target = torch.empty_like(target)
+        got = self.backend.retrieve(tokens[piece.start : piece.end], target, cache_salt=self.cache_salt, segment=True)
+        count = got.loaded_end
+        if not count:
+            return 0
+        for tier, loaded in got.tier_tokens.items():
+            tiers[tier] = tiers.get(tier, 0) + loaded
+        positions = torch.arange(piece.start, piece.start + count)
+        target[:, 0, :count] = self.blender.rotary.turn(target[:, 0, :count], positions)
+        keep = max(piece.start, exact)
+        if aside:
+            staged[:, :, keep : piece.start + count] = target[:, :, keep - piece.start : count]
+        reused[keep : piece.start + count] = True
+        return count
+
+    def _blended_prefill(
+        self,
+        ids: torch.Tensor,
+        staged: torch.Tensor,
+        exact: int,
+        reused: torch.Tensor,
+        hits: list[int],
+        tiers: dict[str, int],
+        started: float,
+    ) -> Prefill:
+        assert self.blender is not None
+        n = len(ids)
+        loaded_at = time.perf_counter()
+        ratio, check = self.config.blend_recompute_ratios, self.config.blend_check_layers
+        blended = self.blender.run(ids, staged, exact, reused, ratio, check)
+        done = time.perf_counter()
+        cache = self._cache_from(staged, n, copy=True)  # its own memory: the staging buffer serves the next prompt
+        loaded = int(reused[exact:].sum())
+        return Prefill(
+            logits=blended.logits,
+            cache=cache,
+            prompt_tokens=n,
+            reused_tokens=exact + loaded - blended.recomputed_tokens,
+            computed_tokens=n - exact - loaded,
+            tier_tokens=tiers,
+            load_seconds=loaded_at - started,
+            forward_seconds=done - loaded_at,
+            ttft_seconds=done - started,
+            recomputed_tokens=blended.recomputed_tokens,
+            segments_reused=sum(1 for h in hits if h > 0),
+            exact_tokens=int(torch.nonzero(reused)[0]),  # the tokens before the first loaded one attend to exact KV
+        )
 
     def _staging(self, num_tokens: int) -> torch.Tensor:
         """A contiguous ``(layers, kv, num_tokens, heads, head_dim)`` CPU buffer, reused across prompts: fresh
@@ -161,7 +295,7 @@ class CachedCausalLM:
             self._staging_buffer = torch.empty(numel, dtype=self.model.dtype, pin_memory=pin)
         return self._staging_buffer[:numel].view(self.layout.chunk_shape(num_tokens))
 
-    def _cache_from(self, staged: torch.Tensor | None, reused: int) -> Any:
+    def _cache_from(self, staged: torch.Tensor | None, reused: int, *, copy: bool = False) -> Any:
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
@@ -170,10 +304,11 @@ class CachedCausalLM:
             return cache
         kvs = []
         for layer in range(self.layout.num_layers):
-            # (tokens, heads, head_dim) -> (1, heads, tokens, head_dim): a view (a copy only to reach a GPU)
+            # (tokens, heads, head_dim) -> (1, heads, tokens, head_dim): a view (a copy only to reach a GPU, or
+            # when asked: a cache no forward will copy out of the staging buffer)
             k = staged[layer, 0, :reused].transpose(0, 1).unsqueeze(0).to(self.device, non_blocking=True)
             v = staged[layer, 1, :reused].transpose(0, 1).unsqueeze(0).to(self.device, non_blocking=True)
-            kvs.append((k, v))
+            kvs.append((k.clone(), v.clone()) if copy and k.device == staged.device else (k, v))
         if len(cache.layers) == len(kvs) and all(type(layer) is DynamicLayer for layer in cache.layers):
             # Plain full-attention layers hold the views as they are: the forward's first update concatenates
             # them with the new tokens into fresh memory anyway, so filling the cache through update() (a
@@ -192,22 +327,51 @@ class CachedCausalLM:
         )
         return out.logits[0, -1].float()
 
-    def _store(self, tokens: Any, cache: Any, loaded_end: int, staged: torch.Tensor, result: Prefill) -> None:
-        """Store the prompt's chunks that were not loaded, copying them out of the model's cache."""
+    # -- store --------------------------------------------------------------------------------------
+    def _store(self, tokens: Any, result: Prefill, loaded_end: int, staged: torch.Tensor) -> None:
+        """Store what the cache lacks: the prompt's prefix chunks that were not loaded, as far as its KV is what a
+        full prefill gives (up to its first blended segment), and its segments that were not whole in the cache,
+        their keys turned back to no position. Copies out of the model's cache, through ``staged``."""
+        started = time.perf_counter()
+        stored = self._store_prefix(tokens, result, loaded_end, staged)
+        if result.segments:
+            stored += self._store_segments(tokens, result, staged)
+        if stored or result.segments:
+            result.stored_tokens = stored
+            result.store_seconds = time.perf_counter() - started
+
+    def _store_prefix(self, tokens: Any, result: Prefill, loaded_end: int, staged: torch.Tensor) -> int:
         chunk = self.backend.chunk_size
         skip = loaded_end - loaded_end % chunk
-        storable = len(tokens) if self.config.save_unfull_chunk else len(tokens) - len(tokens) % chunk
+        exact = len(tokens) if result.exact_tokens is None else result.exact_tokens
+        whole = exact == len(tokens) and self.config.save_unfull_chunk
+        storable = exact if whole else exact - exact % chunk
         if storable <= skip:
-            return
-        started = time.perf_counter()
-        for layer in range(self.layout.num_layers):
-            keys, values = cache.layers[layer].keys, cache.layers[layer].values
-            staged[layer, 0, skip:storable].copy_(keys[0, :, skip:storable].transpose(0, 1))
-            staged[layer, 1, skip:storable].copy_(values[0, :, skip:storable].transpose(0, 1))
-        result.stored_tokens = self.backend.store(
+            return 0
+        self._stage(result.cache, staged, skip, storable)
+        return self.backend.store(
             tokens[:storable], staged[:, :, :storable], skip_tokens=skip, cache_salt=self.cache_salt
         )
-        result.store_seconds = time.perf_counter() - started
+
+    def _store_segments(self, tokens: Any, result: Prefill, staged: torch.Tensor) -> int:
+        assert self.blender is not None
+        stored = 0
+        for piece, have in zip(result.segments, result.segment_hits, strict=True):
+            if have < 0 or have >= piece.num_tokens:
+                continue  # inside the cached prefix (stored with it), or cached whole
+            self._stage(result.cache, staged, piece.start, piece.end)
+            kv = staged[:, :, piece.start : piece.end]
+            kv[:, 0] = self.blender.rotary.turn(kv[:, 0], torch.arange(piece.start, piece.end), back=True)
+            part = tokens[piece.start : piece.end]
+            stored += self.backend.store(part, kv, skip_tokens=have, cache_salt=self.cache_salt, segment=True)
+        return stored
+
+    def _stage(self, cache: Any, staged: torch.Tensor, start: int, end: int) -> None:
+        """Copy tokens ``[start, end)`` of ``cache`` into ``staged`` (kvtier's layout)."""
+        for layer in range(self.layout.num_layers):
+            keys, values = cache.layers[layer].keys, cache.layers[layer].values
+            staged[layer, 0, start:end].copy_(keys[0, :, start:end].transpose(0, 1))
+            staged[layer, 1, start:end].copy_(values[0, :, start:end].transpose(0, 1))
 
     def _record(self, result: Prefill) -> None:
         m = self.metrics
@@ -217,6 +381,23 @@ class CachedCausalLM:
         m.computed_tokens.inc(result.computed_tokens)
         m.ttft_seconds.observe(result.ttft_seconds)
         where = describe_tiers(result.tier_tokens)
+        if result.blended:
+            m.blended_prompts.inc()
+            m.recomputed_tokens.inc(result.recomputed_tokens)
+            loaded = sum(result.tier_tokens.values())
+            log.info(
+                "Retrieved %d tokens (%s; %d segments, %d recomputed) in %.1f ms; blended with %d new tokens in "
+                "%.1f ms; TTFT %.1f ms",
+                loaded,
+                where,
+                result.segments_reused,
+                result.recomputed_tokens,
+                result.load_seconds * 1e3,
+                result.computed_tokens,
+                result.forward_seconds * 1e3,
+                result.ttft_seconds * 1e3,
+            )
+            return
         log.info(
             "Prefill of %d tokens: reused %d (%s, loaded in %.1f ms), computed %d in %.1f ms; TTFT %.1f ms",
             result.prompt_tokens,
@@ -241,7 +422,7 @@ class CachedCausalLM:
         fresh_logits = self._forward(ids, 0, fresh_cache)
         logits_diff = float((fresh_logits - result.logits).abs().max())
         kv_diff = 0.0
-        n = result.reused_tokens
+        n = result.prompt_tokens if result.blended else result.reused_tokens  # blended: anywhere, by design
         for mine, theirs in zip(result.cache.layers, fresh_cache.layers, strict=True):
             kv_diff = max(
                 kv_diff,
