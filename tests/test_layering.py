@@ -25,6 +25,7 @@ LAYERS = [
     "engine",
     "server",
     "integrations",
+    "quality",
     "cli",
 ]
 ENGINE_LIBRARIES = {"vllm", "transformers", "sglang"}

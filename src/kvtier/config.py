@@ -182,8 +182,9 @@ class KVTierConfig:
     """Separator between a prompt's segments (its token ids are searched for in the prompt)."""
     blend_recompute_ratios: float = 0.15
     """Fraction of a blended prompt's reused tokens recomputed (0: reuse the stored KV as it is; 1: recompute all)."""
-    blend_check_layers: int = 1
-    """Leading layers computed for every token; the tokens to recompute are chosen at the last of them."""
+    blend_check_layers: int = 2
+    """Layer at which blending chooses the tokens to recompute (0-based; the layers up to it run on every token).
+    Layer 0 cannot tell: its keys do not depend on the context."""
     blend_min_tokens: int = 256
     """Segments shorter than this are neither stored nor reused as segments (too little to be worth a lookup)."""
     log_level: str = "INFO"

@@ -4,11 +4,13 @@ from what a full prefill would give.
 
 The prompt's tokens are of three kinds. *Exact*: a cached prefix, KV as a full prefill would give, never
 recomputed. *Reused*: loaded segments, KV computed in another context. *Fresh*: everything else (separators, the
-question), always computed. With recompute ratio ``r`` and ``check_layers`` ``k``:
+question), always computed. With recompute ratio ``r`` and check layer ``c`` (``blend_check_layers``, as in
+LMCache):
 
-1. the first ``k`` layers run on every reused and fresh token (these layers' KV is then what a full prefill gives);
-2. at layer ``k - 1`` each reused token's new key is compared with its loaded one; the ``r`` share of reused
-   tokens that deviate most, the fresh tokens and the last token are kept;
+1. layers ``0..c`` run on every reused and fresh token (these layers' KV is then what a full prefill gives);
+2. at layer ``c`` each reused token's new key is compared with its loaded one; the ``r`` share of reused tokens
+   that deviate most, the fresh tokens and the last token are kept. (Layer 0 cannot tell: its keys depend on the
+   token and its position only, not on the context, so ``c`` is 1 or more);
 3. the remaining layers run on the kept tokens only: their new KV replaces the loaded KV, and their queries attend
    to everything before them (loaded, recomputed or exact).
 
@@ -67,7 +69,7 @@ class Blender:
         exact: int,
         reused: torch.Tensor,
         ratio: float,
-        check_layers: int,
+        check_layer: int,
     ) -> BlendResult:
         """Blend the prompt ``ids`` (``(n,)``) whose KV is in ``kv`` ``(layers, 2, n, kv_heads, head_dim)``:
         tokens ``[0, exact)`` exact, those where ``reused`` (``(n,)`` bool) is set loaded. ``kv`` is completed
@@ -84,7 +86,7 @@ class Blender:
         fresh[:exact] = False
         fresh[n - 1] = True  # its logits are the prefill's result
         layers = len(inner.layers)
-        full = 0 if ratio <= 0 else (layers if ratio >= 1 else min(check_layers, layers))
+        full = 0 if ratio <= 0 else (layers if ratio >= 1 else min(check_layer + 1, layers))
         active = positions[exact:] if full else positions[fresh]
         hidden = inner.embed_tokens(ids.to(device)[active])
         cos_all, sin_all = inner.rotary_emb(hidden, positions.view(1, -1))
@@ -130,8 +132,9 @@ class Blender:
         k = k * cos + rotate_half(k) * sin
         deviation = None
         if loaded is not None:
-            old = kv[index, 0, active]
-            deviation = ((k.float() - old.float()) ** 2).sum(dim=(1, 2)) * loaded[active]
+            old_k, old_v = kv[index, 0, active].float(), kv[index, 1, active].float()
+            moved = ((k.float() - old_k) ** 2).sum(dim=(1, 2)) + ((v.float() - old_v) ** 2).sum(dim=(1, 2))
+            deviation = moved * loaded[active]
         kv[index, 0, active] = k.to(kv.dtype)
         kv[index, 1, active] = v.to(kv.dtype)
         end = int(active[-1]) + 1  # no active token attends past itself

@@ -65,6 +65,7 @@ class Prefill:
     segments: list[Segment] = field(default_factory=list)  # the prompt's cacheable segments
     segment_hits: list[int] = field(default_factory=list)  # tokens of each segment found cached (-1: in the prefix)
     exact_tokens: int | None = None  # leading tokens whose KV is what a full prefill gives (None: all)
+    prefix_tokens: int = 0  # loaded as the prompt's cached prefix
 
     @property
     def blended(self) -> bool:
@@ -185,7 +186,7 @@ class CachedCausalLM:
             done = time.perf_counter()
             load, forward = loaded_at - started, done - loaded_at
             result = Prefill(logits, cache, n, exact, n - exact, tiers, load, forward, done - started)
-        result.segments, result.segment_hits = pieces, hits
+        result.segments, result.segment_hits, result.prefix_tokens = pieces, hits, exact
         self._record(result)
         if store:
             self._store(tokens, result, loaded.loaded_end, staged)
