@@ -28,6 +28,7 @@ import torch
 from kvtier.config import KVTierConfig, load_config
 from kvtier.engine.results import describe_tiers
 from kvtier.integrations.backend import KVBackend, open_backend
+from kvtier.integrations.segment_io import SegmentFinder, load_segments, store_segments
 from kvtier.integrations.transformers.blend import Blender
 from kvtier.memory.layout import KVLayout
 from kvtier.tokens import segments as segmenting
@@ -123,9 +124,7 @@ class CachedCausalLM:
         self.cache_salt = cache_salt
         self.device = next(model.parameters()).device
         self.tokenizer = tokenizer
-        self.separator: list[int] = []
-        if self.blender is not None and tokenizer is not None:
-            self.separator = list(tokenizer(self.config.blend_special_str, add_special_tokens=False).input_ids)
+        self.segment_finder = SegmentFinder(self.config, tokenizer)
         self._random = random.Random(0)
         self._staging_buffer: torch.Tensor | None = None  # prefill is not thread-safe: one prompt at a time
 
@@ -142,10 +141,15 @@ class CachedCausalLM:
     def join(self, texts: list[str]) -> tuple[list[int], list[Segment]]:
         """Token ids of ``texts`` joined by the separator, and each text's segment: each text is tokenized on its
         own, so the separator's ids appear as they are (a tokenizer may merge a separator with its neighbours)."""
-        if self.tokenizer is None or not self.separator:
-            raise ValueError("joining texts into segments needs enable_blending and the model's tokenizer")
+        if self.tokenizer is None:
+            raise ValueError("joining texts into segments needs the model's tokenizer")
         pieces = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
         return segmenting.join(pieces, self.separator)
+
+    @property
+    def separator(self) -> list[int]:
+        """``blend_special_str``'s token ids."""
+        return self.segment_finder.separator
 
     # -- prefill ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -175,8 +179,12 @@ class CachedCausalLM:
         loaded = self.backend.retrieve(tokens, staged, cache_salt=self.cache_salt)
         tiers = dict(loaded.tier_tokens)
         exact = min(loaded.loaded_end, n - 1)  # the model must compute at least the last token to give its logits
-        pieces = self._segments_of(tokens, segments)
-        reused, hits = self._load_segments(tokens, staged, pieces, exact, tiers)
+        pieces = self.segment_finder.find(tokens, segments) if self.blender is not None else []
+        reused, hits = (
+            load_segments(self.backend, self.blender.rotary, tokens, staged, pieces, exact, tiers, self.cache_salt)
+            if self.blender is not None and pieces
+            else (None, [])
+        )
         if reused is not None:
             result = self._blended_prefill(ids, staged, exact, reused, hits, tiers, started)
         else:
@@ -202,57 +210,6 @@ class CachedCausalLM:
         result = Prefill(logits, cache, n, 0, n, {}, 0.0, done - started, done - started)
         self._record(result)
         return result
-
-    def _segments_of(self, tokens: Any, given: list[tuple[int, int]] | None) -> list[Segment]:
-        """The prompt's segments worth caching (``blend_min_tokens`` or more): given, or cut at the separator."""
-        if self.blender is None:
-            return []
-        found = segmenting.spans(given, len(tokens)) if given is not None else None
-        if found is None:
-            found = segmenting.split(tokens, self.separator) if self.separator else []
-        return [s for s in found if s.num_tokens >= self.config.blend_min_tokens]
-
-    def _load_segments(
-        self, tokens: Any, staged: torch.Tensor, pieces: list[Segment], exact: int, tiers: dict[str, int]
-    ) -> tuple[torch.Tensor | None, list[int]]:
-        """Load each segment past the cached prefix into ``staged`` at its position, its keys turned there.
-        Returns which tokens were loaded (None when no segment was found) and each segment's tokens found."""
-        reused = torch.zeros(len(tokens), dtype=torch.bool)
-        hits = [-1 if p.end <= exact else self._load_segment(tokens, staged, p, exact, tiers, reused) for p in pieces]
-        found = sum(1 for h in hits if h > 0)
-        if pieces:
-            self.metrics.blend_segments.inc(found, result="hit")
-            self.metrics.blend_segments.inc(sum(1 for h in hits if h == 0), result="miss")
-        return (reused if found else None), hits
-
-    def _load_segment(
-        self,
-        tokens: Any,
-        staged: torch.Tensor,
-        piece: Segment,
-        exact: int,
-        tiers: dict[str, int],
-        reused: torch.Tensor,
-    ) -> int:
-        """Load one segment, turn its keys to its positions, mark its tokens in ``reused``; tokens found."""
-        assert self.blender is not None
-        aside = piece.start < exact  # reaching into the prefix: loaded aside, the prefix's exact KV is kept
-        target = staged[:, :, piece.start : piece.end]
-        if aside:
-            target = torch.empty_like(target)
-        got = self.backend.retrieve(tokens[piece.start : piece.end], target, cache_salt=self.cache_salt, segment=True)
-        count = got.loaded_end
-        if not count:
-            return 0
-        for tier, loaded in got.tier_tokens.items():
-            tiers[tier] = tiers.get(tier, 0) + loaded
-        positions = torch.arange(piece.start, piece.start + count)
-        target[:, 0, :count] = self.blender.rotary.turn(target[:, 0, :count], positions)
-        keep = max(piece.start, exact)
-        if aside:
-            staged[:, :, keep : piece.start + count] = target[:, :, keep - piece.start : count]
-        reused[keep : piece.start + count] = True
-        return count
 
     def _blended_prefill(
         self,
@@ -356,16 +313,13 @@ class CachedCausalLM:
 
     def _store_segments(self, tokens: Any, result: Prefill, staged: torch.Tensor) -> int:
         assert self.blender is not None
-        stored = 0
-        for piece, have in zip(result.segments, result.segment_hits, strict=True):
-            if have < 0 or have >= piece.num_tokens:
-                continue  # inside the cached prefix (stored with it), or cached whole
+
+        def kv_of(piece: Segment) -> torch.Tensor:
             self._stage(result.cache, staged, piece.start, piece.end)
-            kv = staged[:, :, piece.start : piece.end]
-            kv[:, 0] = self.blender.rotary.turn(kv[:, 0], torch.arange(piece.start, piece.end), back=True)
-            part = tokens[piece.start : piece.end]
-            stored += self.backend.store(part, kv, skip_tokens=have, cache_salt=self.cache_salt, segment=True)
-        return stored
+            return staged[:, :, piece.start : piece.end]
+
+        pieces, hits = result.segments, result.segment_hits
+        return store_segments(self.backend, self.blender.rotary, tokens, pieces, hits, kv_of, self.cache_salt)
 
     def _stage(self, cache: Any, staged: torch.Tensor, start: int, end: int) -> None:
         """Copy tokens ``[start, end)`` of ``cache`` into ``staged`` (kvtier's layout)."""
