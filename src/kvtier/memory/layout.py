@@ -82,7 +82,9 @@ class KVLayout:
 
     def descriptor(self) -> str:
         """A stable text form; it is part of every cache key so KV of one layout never serves another."""
-        return f"lkthd-v1:L{self.num_layers}:KV{self.kv_size}:H{self.num_kv_heads}:D{self.head_dim}:{self.dtype}"
+        # v2: chunks the vLLM connector stored from vLLM's CPU backend under v1 held keys in that kernel's
+        # dimension-major order, not the model's: a new version makes every v1 chunk a miss, never wrong KV.
+        return f"lkthd-v2:L{self.num_layers}:KV{self.kv_size}:H{self.num_kv_heads}:D{self.head_dim}:{self.dtype}"
 
     def check_shape(self, shape: tuple[int, ...], what: str = "KV") -> int:
         """Check a ``(layers, kv, tokens, heads, head_dim)`` shape; return its token count."""

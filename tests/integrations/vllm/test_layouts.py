@@ -11,8 +11,8 @@ from kvtier.integrations.vllm.layouts import (
     PagedLayout,
     PagedTransfer,
     blocks_of,
+    key_value_views,
     slot_mapping,
-    token_view,
 )
 
 LAYERS, HEADS, HEAD_DIM, BLOCKS = 3, 2, 8, 12
@@ -32,9 +32,11 @@ def reference_kv(layer: torch.Tensor, layout: PagedLayout, slot: int, block_size
     block, offset = divmod(slot, block_size)
     if layout is PagedLayout.KV_FIRST:
         return layer[:, block, offset]
-    if layout is PagedLayout.CPU_PLANES:  # cpu_attn.py: view [B, H, 2N, D], chunk(2, dim=2) -> K, V
-        key_cache, value_cache = layer.view(BLOCKS, HEADS, 2 * block_size, HEAD_DIM).chunk(2, dim=2)
-        return torch.stack([key_cache[block, :, offset], value_cache[block, :, offset]])
+    if layout is PagedLayout.CPU_PLANES:  # per block and head: keys dimension-major, then values token-major
+        planes = layer.reshape(BLOCKS, HEADS, 2, block_size * HEAD_DIM)
+        keys = planes[block, :, 0, torch.arange(HEAD_DIM) * block_size + offset]  # (heads, head_dim)
+        values = planes[block, :, 1, offset * HEAD_DIM : (offset + 1) * HEAD_DIM]
+        return torch.stack([keys, values])
     key_cache, value_cache = layer.transpose(1, 2).split(HEAD_DIM, dim=-1)  # flash_attn.py
     return torch.stack([key_cache[block, offset], value_cache[block, offset]])
 
@@ -93,9 +95,9 @@ def test_transfer_round_trip_through_host(device: str, layout: PagedLayout) -> N
     PagedTransfer(dst).scatter_from_host(slots, host, start)
     if device == "cuda":
         torch.cuda.synchronize()
-    for s, d in zip(src.views, dst.views, strict=True):
-        blocks, offsets = slots // block_size, slots % block_size
-        assert torch.equal(s[:, blocks.to(device), offsets.to(device)], d[:, blocks.to(device), offsets.to(device)])
+    blocks, offsets = (slots // block_size).to(device), (slots % block_size).to(device)
+    for s, d in zip([*src.keys, *src.values], [*dst.keys, *dst.values], strict=True):
+        assert torch.equal(s[blocks, offsets], d[blocks, offsets])
 
 
 def test_strided_content_split_view_as_vllm_allocates_it() -> None:
@@ -135,6 +137,32 @@ def test_slot_mapping_and_blocks_of() -> None:
 
 def test_layout_shape_errors() -> None:
     with pytest.raises(ValueError, match="kv-first"):
-        token_view(torch.zeros(3, 4, 16, 2, 8), PagedLayout.KV_FIRST)
+        key_value_views(torch.zeros(3, 4, 16, 2, 8), PagedLayout.KV_FIRST)
     with pytest.raises(ValueError, match="cpu-planes"):
-        token_view(torch.zeros(4, 2, 16, 7), PagedLayout.CPU_PLANES)
+        key_value_views(torch.zeros(4, 2, 16, 7), PagedLayout.CPU_PLANES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_planes_read_what_vllms_own_cpu_kernel_wrote(dtype: torch.dtype) -> None:
+    """Not a reading of the layout's description: vLLM's own cache-write kernel writes known K and V into a
+    block, kvtier's gather must give them back (it once read the keys token-major: a consistent round trip for
+    kvtier, but not the model's keys)."""
+    pytest.importorskip("vllm")
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from kvtier.integrations.vllm.compat import check_cpu_planes
+
+    block_size, heads, head_dim = 32, 2, 64
+    layer = torch.zeros(2, heads, block_size, 2 * head_dim, dtype=dtype)
+    check_cpu_planes(layer)
+    key_cache, value_cache = layer.view(2, heads, 2 * block_size, head_dim).chunk(2, dim=2)
+    k, v = torch.randn(40, heads, head_dim).to(dtype), torch.randn(40, heads, head_dim).to(dtype)
+    slots = slot_mapping([1, 0], block_size, 0, 40)
+    isa = _get_attn_isa(dtype, block_size, head_dim)
+    ops.cpu_attn_reshape_and_cache(
+        k, v, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto"
+    )
+    out = torch.empty(1, 2, 40, heads, head_dim, dtype=dtype)
+    PagedKV.from_layers([layer], PagedLayout.CPU_PLANES).gather(slots, out)
+    assert torch.equal(out[0, 0], k) and torch.equal(out[0, 1], v)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvtier.errors import KVTierError
-from kvtier.integrations.vllm.layouts import PagedLayout
+from kvtier.integrations.vllm.layouts import PagedLayout, key_value_views
 from kvtier.memory.layout import KVLayout
 
 SUPPORTED_VERSIONS = ("0.32",)  # the major.minor series the connector is written and tested for
@@ -118,6 +118,19 @@ def check_kv_cache_groups(kv_cache_config: KVCacheConfig) -> None:
         raise UnsupportedVLLMError(f"kvtier supports models with one KV cache group, this one has {groups}")
 
 
+def tokenizer(vllm_config: VllmConfig) -> Any:
+    """The model's tokenizer (transformers'), as vLLM loads it: to find a separator's ids in prompts."""
+    from transformers import AutoTokenizer
+
+    model = vllm_config.model_config
+    return AutoTokenizer.from_pretrained(model.tokenizer, trust_remote_code=model.trust_remote_code)
+
+
+def device(vllm_config: VllmConfig) -> torch.device:
+    """Where vLLM runs the model (``cpu``, ``cuda``...)."""
+    return torch.device(vllm_config.device_config.device_type)
+
+
 def block_size(vllm_config: VllmConfig) -> int:
     """The scheduler's block size: the unit of the block ids in the scheduler output."""
     return int(vllm_config.cache_config.block_size)
@@ -199,4 +212,36 @@ def paged_layout(vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor]) ->
     example = next(iter(kv_caches.values()))
     if example.dim() == 5 and example.shape[0] == 2:  # FlashAttention's layout before layout descriptors
         layout = PagedLayout.KV_FIRST
+    if layout is PagedLayout.CPU_PLANES:
+        check_cpu_planes(example, vllm_config.cache_config.cache_dtype)
     return layout
+
+
+def check_cpu_planes(example: torch.Tensor, cache_dtype: str = "auto") -> None:
+    """Where vLLM's CPU kernels put a token's K and V in a block depends on the kernel (the ISA it picked): write
+    known values into a scratch block with vLLM's own cache-write kernel and check that kvtier reads them back as
+    they were. A layout kvtier does not read correctly is refused, never guessed (KV read wrongly is consistent
+    for kvtier's own round trips, but is not the model's KV: useless to any other engine, wrong for blending)."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    _, heads, block_size, content = example.shape
+    head_dim = content // 2
+    dtype = example.dtype
+    isa = _get_attn_isa(dtype, block_size, head_dim)
+    scratch = torch.zeros(1, heads, block_size, content, dtype=dtype)
+    key_cache, value_cache = scratch.view(1, heads, 2 * block_size, head_dim).chunk(2, dim=2)
+    token = torch.arange(block_size).view(-1, 1, 1).expand(block_size, heads, head_dim)
+    dim = torch.arange(head_dim).view(1, 1, -1).expand(block_size, heads, head_dim)
+    slots = torch.arange(block_size, dtype=torch.int64)
+    keys, values = key_value_views(scratch, PagedLayout.CPU_PLANES)
+    for probe in (token, dim):  # small integers: exact in every KV dtype
+        written = probe.to(dtype).contiguous()
+        ops.cpu_attn_reshape_and_cache(
+            written, written, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype=cache_dtype
+        )
+        if not (torch.equal(keys[0], written) and torch.equal(values[0], written)):
+            raise UnsupportedVLLMError(
+                f"kvtier does not know how vLLM's CPU attention kernels ({isa}, {dtype}, block size {block_size}) "
+                "lay out K and V in a block"
+            )

@@ -2,8 +2,8 @@
 
 vLLM keeps each attention layer's KV in fixed-size blocks; a token's place is its *slot*,
 ``block_id * block_size + offset``, and a request's tokens are scattered over whatever blocks it was given.
-Each supported :class:`PagedLayout` is turned into one strided view per layer shaped
-``(2, blocks, block_size, heads, head_dim)`` (no copy), so a gather or a scatter of any set of slots is one
+Each supported :class:`PagedLayout` is turned into two strided views per layer, of its keys and of its values,
+shaped ``(blocks, block_size, heads, head_dim)`` (no copy), so a gather or a scatter of any set of slots is an
 advanced-indexing operation per layer on a GPU, whatever the physical order of the backend's tensor is. On the
 CPU, where indexing moves one 256-byte row at a time, the slots are cut into runs within a block (a request's
 slots come in block-sized runs) and each run is one strided copy: 3-8x faster.
@@ -25,8 +25,10 @@ class PagedLayout(enum.Enum):
     """How one attention layer's paged KV tensor holds K and V (the attention backend decides, see compat)."""
 
     CPU_PLANES = "cpu-planes"
-    """vLLM's CPU backend: ``[blocks, heads, block_size, 2 * head_dim]``, read by the kernels as
-    ``[blocks, heads, 2 * block_size, head_dim]``: per block and head, the K plane of all its tokens, then V."""
+    """vLLM's CPU backend: ``[blocks, heads, block_size, 2 * head_dim]``, read by the kernels as two planes per
+    block and head: the keys of all its tokens stored dimension-major (``[head_dim, block_size]``, the order its
+    ``vec``/``vec16`` kernels read for q.K), then the values token-major (``[block_size, head_dim]``). compat
+    checks this with vLLM's own cache-write kernel at start (:func:`~kvtier.integrations.vllm.compat.paged_layout`)."""
     CONTENT_SPLIT = "content-split"
     """vLLM 0.32 FlashAttention / Triton / FlexAttention: a (possibly strided) ``[blocks, heads, block_size,
     2 * head_dim]`` view whose last axis is the token's K then its V."""
@@ -34,22 +36,25 @@ class PagedLayout(enum.Enum):
     """FlashAttention before vLLM's layout descriptors: ``[2, blocks, block_size, heads, head_dim]``."""
 
 
-def token_view(kv: torch.Tensor, layout: PagedLayout) -> torch.Tensor:
-    """A view of one layer's paged KV shaped ``(2, blocks, block_size, heads, head_dim)`` (shares memory)."""
+def key_value_views(kv: torch.Tensor, layout: PagedLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of one layer's paged keys and values, each ``(blocks, block_size, heads, head_dim)`` (share memory)."""
     if layout is PagedLayout.KV_FIRST:
         if kv.dim() != 5 or kv.shape[0] != 2:
             raise ValueError(
                 f"{layout.value} KV must be [2, blocks, block_size, heads, head_dim], got {tuple(kv.shape)}"
             )
-        return kv
+        return kv[0], kv[1]
     if kv.dim() != 4 or kv.shape[3] % 2:
         raise ValueError(f"{layout.value} KV must be [blocks, heads, block_size, 2 * head_dim], got {tuple(kv.shape)}")
     blocks, heads, block_size, content = kv.shape
+    head_dim = content // 2
     if layout is PagedLayout.CPU_PLANES:
-        # The same reinterpretation the CPU kernels do (cpu_attn.py): it needs the layer to be dense.
-        planes = kv.view(blocks, heads, 2, block_size, content // 2)
-        return planes.permute(2, 0, 3, 1, 4)
-    return kv.unflatten(3, (2, content // 2)).permute(3, 0, 2, 1, 4)
+        # The reinterpretation the CPU kernels do (cpu_attn.py, then the kernels' key order): the layer is dense.
+        planes = kv.view(blocks, heads, 2, block_size * head_dim)
+        keys = planes[:, :, 0].view(blocks, heads, head_dim, block_size).permute(0, 3, 1, 2)
+        values = planes[:, :, 1].view(blocks, heads, block_size, head_dim).permute(0, 2, 1, 3)
+        return keys, values
+    return kv[..., :head_dim].permute(0, 2, 1, 3), kv[..., head_dim:].permute(0, 2, 1, 3)
 
 
 def slot_mapping(block_ids: Sequence[int], block_size: int, start: int, end: int) -> torch.Tensor:
@@ -70,40 +75,41 @@ def blocks_of(block_ids: Sequence[int], block_size: int, start: int, end: int) -
 
 @dataclass(slots=True)
 class PagedKV:
-    """All layers of vLLM's paged KV cache, as ``(2, blocks, block_size, heads, head_dim)`` views.
+    """All layers of vLLM's paged KV cache, as ``(blocks, block_size, heads, head_dim)`` views of keys and values.
 
     ``block_size`` is the block size of the tensors (vLLM's kernel block size). vLLM may split a scheduler block
     into several kernel blocks; they are consecutive, so a slot computed with the scheduler's block size maps to
     ``divmod(slot, block_size)`` here all the same.
     """
 
-    views: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
     layout: PagedLayout
 
     @classmethod
     def from_layers(cls, layers: Sequence[torch.Tensor], layout: PagedLayout) -> PagedKV:
-        views = [token_view(kv, layout) for kv in layers]
-        shapes = {(v.shape, v.dtype, v.device) for v in views}
+        pairs = [key_value_views(kv, layout) for kv in layers]
+        shapes = {(k.shape, k.dtype, k.device) for pair in pairs for k in pair}
         if len(shapes) != 1:
             raise ValueError(f"all attention layers must have the same KV shape, dtype and device; got {shapes}")
-        return cls(views, layout)
+        return cls([k for k, _ in pairs], [v for _, v in pairs], layout)
 
     @property
     def block_size(self) -> int:
-        return int(self.views[0].shape[2])
+        return int(self.keys[0].shape[1])
 
     @property
     def device(self) -> torch.device:
-        return self.views[0].device
+        return self.keys[0].device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.views[0].dtype
+        return self.keys[0].dtype
 
     def staging_shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
         """Shape of kvtier's contiguous tensor for ``num_tokens`` tokens."""
-        _, _, _, heads, head_dim = self.views[0].shape
-        return (len(self.views), 2, num_tokens, int(heads), int(head_dim))
+        _, _, heads, head_dim = self.keys[0].shape
+        return (len(self.keys), 2, num_tokens, int(heads), int(head_dim))
 
     def _index(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         slots = slots.to(self.device, non_blocking=True)
@@ -118,29 +124,33 @@ class PagedKV:
         ends = [*breaks.tolist(), len(flat)]
         return [(int(blocks[a]), int(offsets[a]), a, b - a) for a, b in zip(starts, ends, strict=True)]
 
+    def _planes(self) -> list[tuple[int, int, torch.Tensor]]:
+        """(layer, 0 for keys / 1 for values, view) of every plane."""
+        return [(i, kv, view) for kv, views in enumerate((self.keys, self.values)) for i, view in enumerate(views)]
+
     def gather(self, slots: torch.Tensor, out: torch.Tensor) -> None:
         """Copy the KV of ``slots`` into ``out`` ``(layers, 2, len(slots), heads, head_dim)`` on this device."""
         if self.device.type == "cpu":
             runs = self._runs(slots)
-            for layer, view in enumerate(self.views):
+            for layer, kv, view in self._planes():
                 for block, offset, first, n in runs:
-                    out[layer, :, first : first + n] = view[:, block, offset : offset + n]
+                    out[layer, kv, first : first + n] = view[block, offset : offset + n]
             return
         blocks, offsets = self._index(slots)
-        for layer, view in enumerate(self.views):
-            out[layer] = view[:, blocks, offsets]  # one vectorised gather per layer, K and V together
+        for layer, kv, view in self._planes():
+            out[layer, kv] = view[blocks, offsets]  # one vectorised gather per plane
 
     def scatter(self, slots: torch.Tensor, src: torch.Tensor) -> None:
         """Write ``src`` ``(layers, 2, len(slots), heads, head_dim)`` (on this device) into ``slots``."""
         if self.device.type == "cpu":
             runs = self._runs(slots)
-            for layer, view in enumerate(self.views):
+            for layer, kv, view in self._planes():
                 for block, offset, first, n in runs:
-                    view[:, block, offset : offset + n] = src[layer, :, first : first + n]
+                    view[block, offset : offset + n] = src[layer, kv, first : first + n]
             return
         blocks, offsets = self._index(slots)
-        for layer, view in enumerate(self.views):
-            view[:, blocks, offsets] = src[layer]
+        for layer, kv, view in self._planes():
+            view[blocks, offsets] = src[layer, kv]
 
 
 class HostBuffer:
