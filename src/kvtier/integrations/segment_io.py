@@ -9,15 +9,18 @@ cache lacked from wherever the engine keeps the prompt's KV (``kv_of``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from kvtier.config import KVTierConfig
 from kvtier.integrations.backend import KVBackend
-from kvtier.integrations.transformers.rope import RotaryKeys
 from kvtier.tokens import segments as segmenting
 from kvtier.tokens.segments import Segment
+
+if TYPE_CHECKING:  # a model's: the transformers integration imports this module
+    from kvtier.integrations.transformers.rope import RotaryKeys
 
 
 class SegmentFinder:
@@ -35,7 +38,7 @@ class SegmentFinder:
         if given is not None:
             found = segmenting.spans(given, len(tokens))
         else:
-            found = segmenting.split(tokens, self.separator) if self.separator else []
+            found = segmenting.split(np.asarray(tokens), self.separator) if self.separator else []
         return [s for s in found if s.num_tokens >= self.min_tokens]
 
 

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from kvtier.config import FIELDS, KVTierConfig, load_config
 from kvtier.integrations.backend import KVBackend, open_backend
+from kvtier.integrations.segment_io import SegmentFinder
 from kvtier.integrations.vllm import compat
+from kvtier.integrations.vllm.blending import WorkerBlender
 from kvtier.integrations.vllm.compat import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 from kvtier.integrations.vllm.lookup import LookupClient, LookupServer, lookup_address
 from kvtier.integrations.vllm.metadata import KVTierConnectorMetadata
@@ -108,19 +110,20 @@ class KVTierConnector(KVConnectorBase_V1):
         if self.config.server_url:
             backend = self._open_backend(vllm_config, worker=False)
             self._closers.append(backend)
-            lookup = lambda tokens, salt: backend.lookup(tokens, cache_salt=salt)  # noqa: E731
+            lookup = lambda tokens, salt, segment: backend.lookup(tokens, cache_salt=salt, segment=segment)  # noqa: E731
         else:  # the cache lives in the worker: ask it
             client = LookupClient(
                 lookup_address(vllm_config.kv_transfer_config.engine_id), self.config.server_timeout_sec, self.metrics
             )
             self._closers.append(client)
-            lookup = lambda tokens, salt: client.lookup(tokens, cache_salt=salt)  # noqa: E731
+            lookup = lambda tokens, salt, segment: client.lookup(tokens, cache_salt=salt, segment=segment)  # noqa: E731
         self._scheduler = SchedulerSide(
             self.config,
             lookup=lookup,
             can_load=compat.can_load(vllm_config),
             can_save=compat.can_save(vllm_config),
             metrics=self.metrics,
+            segments=SegmentFinder(self.config, compat.tokenizer(vllm_config)) if self.config.enable_blending else None,
         )
         self._closers.append(self._scheduler)
 
@@ -129,8 +132,12 @@ class KVTierConnector(KVConnectorBase_V1):
             raise compat.UnsupportedVLLMError(
                 "kvtier's in-process mode serves one worker; with tensor parallelism set server_url"
             )
+        blender = None
+        if self.config.enable_blending:
+            model = vllm_config.model_config
+            blender = WorkerBlender(str(model.model), model.dtype, compat.device(vllm_config), self.config)
         backend = self._open_backend(vllm_config, worker=True)
-        self._worker = WorkerSide(backend, self.layout, self.block_size)
+        self._worker = WorkerSide(backend, self.layout, self.block_size, blender)
         self._closers.append(self._worker)
         if not self.config.server_url:
             self._closers.append(LookupServer(backend, lookup_address(vllm_config.kv_transfer_config.engine_id)))

@@ -22,6 +22,7 @@ from kvtier.metrics import IntegrationMetrics
 log = logging.getLogger("kvtier")
 _HIT = struct.Struct("<q")
 POLL_MS = 200  # how often the server thread checks for stop()
+PROMPT, SEGMENT = b"p", b"s"  # what the tokens of a lookup are
 
 
 def lookup_address(engine_id: str) -> str:
@@ -30,7 +31,7 @@ def lookup_address(engine_id: str) -> str:
 
 
 class LookupServer:
-    """Answers ``lookup(tokens, cache_salt)`` for a backend, on a thread of the worker."""
+    """Answers ``lookup(tokens, cache_salt, segment)`` for a backend, on a thread of the worker."""
 
     def __init__(self, backend: KVBackend, address: str) -> None:
         self.backend = backend
@@ -47,9 +48,10 @@ class LookupServer:
         while not self._stop.is_set():
             if not self._socket.poll(POLL_MS):
                 continue
-            salt, tokens = self._socket.recv_multipart()
+            salt, tokens, kind = self._socket.recv_multipart()
             try:
-                hit = self.backend.lookup(np.frombuffer(tokens, dtype=np.int64), cache_salt=salt.decode())
+                ids = np.frombuffer(tokens, dtype=np.int64)
+                hit = self.backend.lookup(ids, cache_salt=salt.decode(), segment=kind == SEGMENT)
             except Exception:  # a REP socket must answer every request, or it can never receive again
                 log.exception("kvtier lookup failed in the worker")
                 hit = 0
@@ -79,9 +81,10 @@ class LookupClient:
         socket.connect(self.address)
         return socket
 
-    def lookup(self, tokens: list[int], *, cache_salt: str = "") -> int:
+    def lookup(self, tokens: list[int], *, cache_salt: str = "", segment: bool = False) -> int:
         try:
-            self._socket.send_multipart([cache_salt.encode(), np.asarray(tokens, dtype=np.int64).tobytes()])
+            ids = np.asarray(tokens, dtype=np.int64).tobytes()
+            self._socket.send_multipart([cache_salt.encode(), ids, SEGMENT if segment else PROMPT])
             return int(_HIT.unpack(self._socket.recv())[0])
         except zmq.ZMQError as exc:
             # A REQ socket that missed its reply cannot send again: start over with a fresh one.

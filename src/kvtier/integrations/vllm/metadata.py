@@ -11,11 +11,22 @@ from kvtier.integrations.vllm.compat import KVConnectorMetadata
 
 
 @dataclass(frozen=True, slots=True)
+class SegmentHit:
+    """A prompt's segment ``[start, end)`` and how many of its tokens the cache held when the request came in."""
+
+    start: int
+    end: int
+    cached: int
+
+
+@dataclass(frozen=True, slots=True)
 class LoadOp:
     """Load the cached KV of prompt positions ``[start, end)`` into the request's blocks before the forward.
 
     ``tokens`` is the prompt prefix whose chunks are read (it may run past ``end``: a full hit reads the last
     chunk but vLLM must compute the last prompt token itself); ``skip`` chunk-aligned tokens are not read.
+    ``blend``: ``[start, end)`` is produced by blending (``tokens`` is then the whole prompt): the cached prefix
+    and ``segments`` are loaded, and the rest computed by the worker's blender.
     """
 
     req_id: str
@@ -26,18 +37,23 @@ class LoadOp:
     skip: int
     cache_salt: str
     num_prompt_tokens: int
+    blend: bool = False
+    segments: tuple[SegmentHit, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class StoreOp:
-    """Store the KV of the whole prompt ``tokens`` (computed by the end of this step) from the request's blocks;
-    the first ``skip`` tokens (chunk-aligned) are cached already and not read."""
+    """Store a prompt's KV (computed by the end of this step) from the request's blocks: its chunks
+    ``tokens[skip:prefix_end]`` (``skip`` chunk-aligned tokens are cached already; past ``prefix_end`` the KV is
+    blended, an approximation never stored as a prefix), and its ``segments`` that the cache lacked."""
 
     req_id: str
     tokens: list[int]
     block_ids: list[int]
     skip: int
     cache_salt: str
+    prefix_end: int
+    segments: tuple[SegmentHit, ...] = ()
 
 
 @dataclass

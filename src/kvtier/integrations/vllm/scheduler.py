@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvtier.config import KVTierConfig
+from kvtier.integrations.segment_io import SegmentFinder
 from kvtier.integrations.vllm import compat
-from kvtier.integrations.vllm.metadata import KVTierConnectorMetadata, LoadOp, StoreOp
+from kvtier.integrations.vllm.metadata import KVTierConnectorMetadata, LoadOp, SegmentHit, StoreOp
 from kvtier.metrics import IntegrationMetrics
 
 if TYPE_CHECKING:
@@ -20,10 +21,28 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvtier")
-Lookup = Callable[[list[int], str], int]  # (prompt tokens, cache salt) -> cached prefix length, 0 on failure
+# (prompt or segment tokens, cache salt, segment?) -> tokens cached (the prefix, or of the segment), 0 on failure
+Lookup = Callable[[list[int], str, bool], int]
 # How long the scheduler waits for a lookup before answering "not yet" (vLLM then schedules other requests and
 # asks again at its next step): a fast cache answers within it, a slow one never stalls the whole batch.
 INLINE_LOOKUP_SEC = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """What the cache holds of a prompt: its cached prefix, and with blending on, each segment's cached tokens."""
+
+    prefix: int
+    segments: tuple[SegmentHit, ...] = ()
+
+    @property
+    def blendable(self) -> bool:
+        """Some segment past the prefix is cached: the prompt can be blended."""
+        return any(s.cached > 0 and s.end > self.prefix for s in self.segments)
+
+    def first_blended(self) -> int:
+        """Where blended (approximate) KV would start: the first cached segment token past the prefix."""
+        return min(max(s.start, self.prefix) for s in self.segments if s.cached > 0 and s.end > self.prefix)
 
 
 @dataclass(slots=True)
@@ -32,9 +51,10 @@ class _Admitted:
 
     tokens: list[int]
     salt: str
-    hit: int  # cached prefix length found when it was admitted
+    hit: Hit  # what was cached when it was admitted
     external: int  # tokens vLLM takes from kvtier in the first step (0: nothing to load)
     store: bool
+    blend: bool  # the external tokens are produced by blending
 
 
 class SchedulerSide:
@@ -46,17 +66,20 @@ class SchedulerSide:
         can_load: bool,
         can_save: bool,
         metrics: IntegrationMetrics,
+        segments: SegmentFinder | None = None,
     ) -> None:
+        """``segments``: where prompts' segments are, when blending is on (None: prefix caching only)."""
         self.chunk_size = config.chunk_size
         self.save_unfull_chunk = config.save_unfull_chunk
         self.lookup = lookup
+        self.segments = segments
         self.can_load = can_load
         self.can_save = can_save
         self.metrics = metrics
         # All are emptied by request_finished; _hits also by update_state_after_alloc.
-        self._hits: dict[str, int] = {}
+        self._hits: dict[str, Hit] = {}
         self._admitted: dict[str, _Admitted] = {}
-        self._pending: dict[str, Future[int]] = {}
+        self._pending: dict[str, Future[Hit]] = {}
         self._lookups = ThreadPoolExecutor(2, thread_name_prefix="kvtier-lookup")
 
     def num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int | None:
@@ -73,36 +96,50 @@ class SchedulerSide:
         self._hits[request.request_id] = hit
         if not self.can_load:
             return 0
-        # vLLM computes at least the last prompt token: its logits are the first output token.
-        return max(0, min(hit, len(tokens) - 1) - num_computed_tokens)
+        # vLLM computes at least the last prompt token: its logits are the first output token. A blendable prompt
+        # is produced up to it (the cached prefix and segments loaded, the rest computed by the worker's blender).
+        end = len(tokens) - 1 if hit.blendable else min(hit.prefix, len(tokens) - 1)
+        return max(0, end - num_computed_tokens)
 
-    def _hit(self, req_id: str, tokens: list[int], salt: str) -> int | None:
+    def _hit(self, req_id: str, tokens: list[int], salt: str) -> Hit | None:
         future = self._pending.get(req_id)
         if future is None:
-            future = self._pending[req_id] = self._lookups.submit(self.lookup, tokens, salt)
+            future = self._pending[req_id] = self._lookups.submit(self._look_up, tokens, salt)
         try:
             hit = future.result(timeout=INLINE_LOOKUP_SEC)
         except FutureTimeout:
             return None
         except Exception as exc:  # the lookups catch their own failures: this is a bug, but only a miss
             log.warning("kvtier: lookup for request %s failed: %s", req_id, exc)
-            hit = 0
+            hit = Hit(0)
         del self._pending[req_id]
         return hit
 
+    def _look_up(self, tokens: list[int], salt: str) -> Hit:
+        """The prompt's cached prefix, and (blending) each of its segments' cached tokens."""
+        prefix = self.lookup(tokens, salt, False)
+        if self.segments is None:
+            return Hit(prefix)
+        found = []
+        for piece in self.segments.find(tokens):
+            cached = self.lookup(tokens[piece.start : piece.end], salt, True) if piece.end > prefix else -1
+            found.append(SegmentHit(piece.start, piece.end, cached))
+        return Hit(prefix, tuple(found))
+
     def after_alloc(self, request: Request, num_external_tokens: int) -> None:
-        hit = self._hits.pop(request.request_id, 0)
+        hit = self._hits.pop(request.request_id, Hit(0))
         tokens = compat.prompt_tokens(request)
         if tokens is None:
             return
         self.metrics.requests.inc()
         self.metrics.prompt_tokens.inc(len(tokens))
         self.metrics.reused_tokens.inc(num_external_tokens)
-        store = self.can_save and self._storable(len(tokens)) > self._aligned(hit)
+        blend = bool(num_external_tokens) and hit.blendable
+        missing = any(0 <= s.cached < s.end - s.start for s in hit.segments)
+        store = self.can_save and (self._prefix_end(tokens, hit, blend) > self._aligned(hit.prefix) or missing)
         if num_external_tokens or store:
-            self._admitted[request.request_id] = _Admitted(
-                tokens, compat.cache_salt(request), hit, num_external_tokens, store
-            )
+            salt = compat.cache_salt(request)
+            self._admitted[request.request_id] = _Admitted(tokens, salt, hit, num_external_tokens, store, blend)
         else:  # a preempted request admitted again with nothing left to do
             self._admitted.pop(request.request_id, None)
 
@@ -138,26 +175,37 @@ class SchedulerSide:
 
     def _load_op(self, req_id: str, admitted: _Admitted, done: int, output: SchedulerOutput) -> LoadOp:
         start = done - admitted.external  # vLLM's own prefix cache covers [0, start)
-        read_end = min(admitted.hit, -(-done // self.chunk_size) * self.chunk_size)
+        read_end = min(admitted.hit.prefix, -(-done // self.chunk_size) * self.chunk_size)
         return LoadOp(
             req_id=req_id,
-            tokens=admitted.tokens[:read_end],
+            tokens=admitted.tokens if admitted.blend else admitted.tokens[:read_end],
             block_ids=compat.block_ids(output, req_id),
             start=start,
             end=done,
             skip=self._aligned(start),
             cache_salt=admitted.salt,
             num_prompt_tokens=len(admitted.tokens),
+            blend=admitted.blend,
+            segments=admitted.hit.segments if admitted.blend else (),
         )
 
     def _store_op(self, req_id: str, admitted: _Admitted, output: SchedulerOutput) -> StoreOp:
         return StoreOp(
             req_id=req_id,
-            tokens=admitted.tokens[: self._storable(len(admitted.tokens))],
+            tokens=admitted.tokens,
             block_ids=compat.block_ids(output, req_id),
-            skip=self._aligned(admitted.hit),
+            skip=self._aligned(admitted.hit.prefix),
             cache_salt=admitted.salt,
+            prefix_end=self._prefix_end(admitted.tokens, admitted.hit, admitted.blend),
+            segments=admitted.hit.segments,
         )
+
+    def _prefix_end(self, tokens: list[int], hit: Hit, blend: bool) -> int:
+        """How much of the prompt is stored as prefix chunks: whole chunks (unless ``save_unfull_chunk``), and, when
+        blended, none past the first blended token (approximate KV must never be a later prefix hit)."""
+        if blend:
+            return self._aligned(hit.first_blended())
+        return self._storable(len(tokens))
 
     def _aligned(self, tokens: int) -> int:
         return tokens - tokens % self.chunk_size

@@ -12,10 +12,13 @@ import torch
 
 from kvtier.engine.results import describe_tiers
 from kvtier.integrations.backend import KVBackend, Loaded
+from kvtier.integrations.segment_io import load_segments, store_segments
+from kvtier.integrations.vllm.blending import WorkerBlender
 from kvtier.integrations.vllm.layouts import PagedKV, PagedLayout, PagedTransfer, blocks_of, slot_mapping
 from kvtier.integrations.vllm.metadata import KVTierConnectorMetadata, LoadOp, StoreOp
 from kvtier.memory.layout import KVLayout
 from kvtier.memory.pool import populate_in_background
+from kvtier.tokens.segments import Segment
 
 log = logging.getLogger("kvtier")
 
@@ -37,10 +40,14 @@ class TransferStats:
 
 
 class WorkerSide:
-    def __init__(self, backend: KVBackend, layout: KVLayout, block_size: int) -> None:
+    def __init__(
+        self, backend: KVBackend, layout: KVLayout, block_size: int, blender: WorkerBlender | None = None
+    ) -> None:
+        """``blender``: computes the blended tokens of blended prompts (blending on), and turns segments' keys."""
         self.backend = backend
         self.layout = layout
         self.block_size = block_size  # the scheduler's: the unit of the block ids in the metadata
+        self.blender = blender
         self.transfer: PagedTransfer | None = None
         self.stats = TransferStats()
         self._failed_blocks: set[int] = set()
@@ -88,6 +95,9 @@ class WorkerSide:
         return self.transfer
 
     def _load(self, op: LoadOp) -> None:
+        if op.blend:
+            self._blend_load(op)
+            return
         transfer = self._paged()
         started = time.perf_counter()
         host = transfer.host_tensor(len(op.tokens))
@@ -101,12 +111,61 @@ class WorkerSide:
             self.backend.metrics.load_errors.inc()
         self._record_load(op, loaded, good_end - op.start, time.perf_counter() - started)
 
+    def _blend_load(self, op: LoadOp) -> None:
+        """Produce positions ``[start, end)`` (all but the last prompt token) by blending: vLLM's own prefix
+        ``[0, start)`` and the cached prefix are exact, the cached segments are loaded at their positions, the rest
+        is computed by the blender; then into vLLM's blocks."""
+        assert self.blender is not None
+        transfer = self._paged()
+        started = time.perf_counter()
+        n = op.num_prompt_tokens
+        host = transfer.host_tensor(n)
+        if op.start:  # what vLLM's own prefix cache has: exact, and not in kvtier necessarily
+            transfer.gather_to_host(slot_mapping(op.block_ids, self.block_size, 0, op.start), host, 0)
+        loaded = self.backend.retrieve(op.tokens, host, skip_tokens=op.skip, cache_salt=op.cache_salt)
+        exact = min(max(op.start, loaded.loaded_end), op.end - 1)
+        tiers = dict(loaded.tier_tokens)
+        pieces = [Segment(s.start, s.end) for s in op.segments]
+        reused, _ = load_segments(
+            self.backend, self.blender.rotary, op.tokens, host, pieces, exact, tiers, op.cache_salt
+        )
+        if reused is None:
+            reused = torch.zeros(n, dtype=torch.bool)
+        kv = host[:, :, : op.end]  # vLLM computes the last token itself
+        blended = self.blender.blend(op.tokens[: op.end], kv, exact, reused[: op.end])
+        transfer.scatter_from_host(slot_mapping(op.block_ids, self.block_size, op.start, op.end), host, op.start)
+        seconds = time.perf_counter() - started
+        self.stats.loads += 1
+        self.stats.loaded_tokens += op.end - op.start
+        self.stats.load_seconds += seconds
+        self.backend.metrics.blended_prompts.inc()
+        self.backend.metrics.recomputed_tokens.inc(blended.recomputed_tokens)
+        log.info(
+            "kvtier: request %s: Retrieved %d tokens (%s; %d segments, %d recomputed), blended %d tokens in %.1f ms; "
+            "vLLM had %d, computes 1",
+            op.req_id,
+            sum(tiers.values()),
+            describe_tiers(tiers, empty="none found"),
+            sum(1 for s in op.segments if s.cached > 0 and s.end > exact),
+            blended.recomputed_tokens,
+            op.end - op.start,
+            seconds * 1000,
+            op.start,
+        )
+
     def _store(self, op: StoreOp) -> None:
         transfer = self._paged()
         started = time.perf_counter()
         host = transfer.host_tensor(len(op.tokens))
-        transfer.gather_to_host(slot_mapping(op.block_ids, self.block_size, op.skip, len(op.tokens)), host, op.skip)
-        stored = self.backend.store(op.tokens, host, skip_tokens=op.skip, cache_salt=op.cache_salt)
+        stored = 0
+        if op.prefix_end > op.skip:
+            slots = slot_mapping(op.block_ids, self.block_size, op.skip, op.prefix_end)
+            transfer.gather_to_host(slots, host, op.skip)
+            prefix = op.tokens[: op.prefix_end]
+            kv = host[:, :, : op.prefix_end]
+            stored += self.backend.store(prefix, kv, skip_tokens=op.skip, cache_salt=op.cache_salt)
+        if op.segments and self.blender is not None:
+            stored += self._store_segments(op, transfer, host)
         seconds = time.perf_counter() - started
         self.stats.stores += 1
         self.stats.stored_tokens += stored
@@ -119,6 +178,19 @@ class WorkerSide:
             len(op.tokens),
             seconds * 1000,
         )
+
+    def _store_segments(self, op: StoreOp, transfer: PagedTransfer, host: torch.Tensor) -> int:
+        assert self.blender is not None
+
+        def kv_of(piece: Segment) -> torch.Tensor:
+            transfer.gather_to_host(
+                slot_mapping(op.block_ids, self.block_size, piece.start, piece.end), host, piece.start
+            )
+            return host[:, :, piece.start : piece.end]
+
+        pieces = [Segment(s.start, s.end) for s in op.segments]
+        hits = [s.cached for s in op.segments]
+        return store_segments(self.backend, self.blender.rotary, op.tokens, pieces, hits, kv_of, op.cache_salt)
 
     def _record_load(self, op: LoadOp, loaded: Loaded, num_loaded: int, seconds: float) -> None:
         self.stats.loads += 1
