@@ -237,6 +237,12 @@ class CacheMetrics:
             r, "kvtier_background_write_queue_bytes", "Bytes waiting to be written to a slower tier.", tier
         )
         self.active_leases = _g(r, "kvtier_active_leases", "Lookup leases not yet released or expired.")
+        self.segment_stored_tokens = _c(
+            r, "kvtier_segment_stored_tokens_total", "Tokens newly stored as segments (text cached by its content)."
+        )
+        self.segment_retrieved_tokens = _c(
+            r, "kvtier_segment_retrieved_tokens_total", "Segment tokens retrieved (for blending: reused anywhere)."
+        )
 
     def render(self) -> str:
         return self.registry.render()

@@ -416,6 +416,9 @@ def test_segments_through_the_server(inproc_server, shared_memory: bool) -> None
         assert b.lookup(segment, segment=True).hit_tokens == 40 and b.lookup(segment).hit_tokens == 0
         got = b.retrieve(segment, segment=True)
         assert got.hit_tokens == 40 and same_bits(got.kv, kv)
+        metrics = inproc_server.server.service.metrics
+        assert metrics.segment_stored_tokens.total() == 40 and metrics.segment_retrieved_tokens.total() == 40
+        assert "kvtier_segment_retrieved_tokens_total 40" in http_get(inproc_server.http_port, "/metrics")[1].decode()
         assert b.delete(segment, segment=True) == 3
 
 

@@ -53,6 +53,7 @@ class Reservation:
     num_tokens: int
     dropped_tokens: int  # chunks that found no memory (always a tail of the prompt)
     started: float
+    segment: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +231,8 @@ class CacheEngine:
         objs = self._allocate([c for c, _ in new], source)
         dropped = sum(c.num_tokens for c, _ in new[len(objs) :])
         new = new[: len(objs)]
-        return Reservation([c for c, _ in new], [k for _, k in new], objs, cached, held, num_tokens, dropped, started)
+        chunks, keys = [c for c, _ in new], [k for _, k in new]
+        return Reservation(chunks, keys, objs, cached, held, num_tokens, dropped, started, segment)
 
     def commit(self, reservation: Reservation) -> StoreResult:
         """Publish a filled reservation to every tier (memory now, slower tiers in the background)."""
@@ -246,6 +248,8 @@ class CacheEngine:
         skipped = reservation.num_tokens - stored - reservation.dropped_tokens
         result = StoreResult(stored, skipped, reservation.dropped_tokens, time.perf_counter() - reservation.started)
         self._record_store(result, num_chunks)
+        if reservation.segment:
+            self.metrics.segment_stored_tokens.inc(result.stored_tokens)
         return result
 
     def abandon(self, reservation: Reservation) -> None:
@@ -354,7 +358,7 @@ class CacheEngine:
         hit = skip + loaded_tokens if loaded_tokens else 0
         kv = out if out is not None else dest.array[:, :, : loaded[-1].end if loaded else 0]
         result = RetrieveResult(hit, loaded_tokens, num_tokens, kv, dict(tiers), time.perf_counter() - started)
-        self._record_retrieve(result)
+        self._record_retrieve(result, segment)
         return result
 
     def acquire(
@@ -373,11 +377,13 @@ class CacheEngine:
         loaded_tokens = sum(tiers.values())
         hit = skip + loaded_tokens if loaded_tokens else 0
         result = RetrieveResult(hit, loaded_tokens, num_tokens, None, dict(tiers), time.perf_counter() - started)
-        self._record_retrieve(result)
+        self._record_retrieve(result, segment)
         return Acquired(result, loaded, read.objs)
 
-    def _record_retrieve(self, result: RetrieveResult) -> None:
+    def _record_retrieve(self, result: RetrieveResult, segment: bool) -> None:
         m = self.metrics
+        if segment:
+            m.segment_retrieved_tokens.inc(result.loaded_tokens)
         m.retrieves.inc()
         m.retrieve_tokens.inc(result.total_tokens)
         for tier, n in result.tier_tokens.items():
