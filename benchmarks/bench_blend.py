@@ -16,6 +16,7 @@ ttft     ``--passages`` passages of ``--passage-tokens`` tokens cached as segmen
 
     .venv/bin/python benchmarks/bench_blend.py quality --contexts 40 --plot      # 240 questions: ~30 min here
     .venv/bin/python benchmarks/bench_blend.py ttft --reps 5 --plot
+    .venv/bin/python benchmarks/bench_blend.py quality --contexts 40 --resume   # goes on after an interruption
     .venv/bin/python benchmarks/bench_blend.py quality --contexts 2             # a smoke run
 """
 
@@ -99,8 +100,11 @@ def run_quality(args: argparse.Namespace) -> None:
     qa = make_qa_set(contexts=args.contexts, seed=args.seed)
     reference = make_method(model, tokenizer, "joiner", **blending(0.0))  # only to tokenize and join prompts
     out = args.out or RESULTS / "blend_quality.jsonl"
-    rows: list[dict[str, Any]] = []
-    for context in qa.contexts:
+    rows = finished_rows(out, qa) if args.resume else []
+    done = {row["context"] for row in rows}
+    for index, context in enumerate(qa.contexts):
+        if index in done:
+            continue
         methods = [Method("full", None), make_method(model, tokenizer, "prefix")]
         methods += [make_method(model, tokenizer, "reuse", **blending(0.0))]
         methods += [make_method(model, tokenizer, f"blend@{r:g}", **blending(r)) for r in args.ratios]
@@ -116,6 +120,26 @@ def run_quality(args: argparse.Namespace) -> None:
     summarize(rows, out)
     if args.plot:
         plot_quality(out)
+
+
+def finished_rows(out: Path, qa: Any) -> list[dict[str, Any]]:
+    """The rows of the contexts a run interrupted before (a restart, a kill) already wrote in full to ``out``."""
+    import json
+
+    if not out.exists():
+        return []
+    rows = [json.loads(line) for line in out.read_text().splitlines() if '"blend_quality"' in line]
+    by_context: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_context.setdefault(row["context"], []).append(row)
+    wanted = {index: len(c.questions) for index, c in enumerate(qa.contexts)}
+    methods = len({row["method"] for row in rows})
+    return [
+        row
+        for index, mine in by_context.items()
+        if index in wanted and len(mine) == wanted[index] * methods
+        for row in mine
+    ]
 
 
 def ask(
@@ -336,6 +360,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="quality: keep the contexts --out already holds in full")
     args = parser.parse_args()
     logging.getLogger("kvtier").setLevel(logging.WARNING)
     (run_quality if args.what == "quality" else run_ttft)(args)

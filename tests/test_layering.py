@@ -68,3 +68,13 @@ def test_nothing_imports_upward(path: Path) -> None:
             assert parts[0] not in ENGINE_LIBRARIES or layer_of(path) in MAY_IMPORT_ENGINE_LIBRARIES, (
                 f"{path.relative_to(PACKAGE)} imports {name}: only the integrations may"
             )
+
+
+def test_test_modules_have_unique_names() -> None:
+    """The test folders are not packages (pytest's rootdir imports), so two test files of one name in two folders
+    break collection of the whole suite: name them after the module they test, whole."""
+    tests = Path(__file__).parent
+    names: dict[str, list[str]] = {}
+    for path in tests.rglob("test_*.py"):
+        names.setdefault(path.name, []).append(str(path.relative_to(tests)))
+    assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}
