@@ -35,7 +35,7 @@ from redis.sentinel import Sentinel
 from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
-from kvtier.storage.remote import CircuitBreaker, RemoteStore, RemoteTier, Value
+from kvtier.storage.remote import CircuitBreaker, RemoteStore, RemoteTier, Value, host_port
 from kvtier.tokens.keys import Namespace
 
 # scheme: (deployment, TLS). Cluster and Sentinel URLs turn TLS on with ``?ssl=true``.
@@ -115,7 +115,7 @@ def parse_url(url: str) -> RedisURL:
     mode, tls = SCHEMES[parts.scheme]
     userinfo, _, hosts = parts.netloc.rpartition("@")
     username, _, password = userinfo.partition(":")
-    nodes = tuple(_host_port(item, DEFAULT_PORTS[mode], shown) for item in hosts.split(","))
+    nodes = tuple(host_port(item, DEFAULT_PORTS[mode], shown) for item in hosts.split(","))
     if mode == "standalone" and len(nodes) > 1:
         raise ConfigError(f"remote_url {shown!r}: one host only (use redis-cluster:// for a cluster)")
     options = _query_options(parts.query, shown)
@@ -134,17 +134,6 @@ def parse_url(url: str) -> RedisURL:
     if mode == "cluster" and db:
         raise ConfigError(f"remote_url {shown!r}: a cluster has only database 0")
     return RedisURL(mode, nodes, unquote(username) or None, unquote(password) or None, db, service, options)
-
-
-def _host_port(item: str, default_port: int, shown: str) -> tuple[str, int]:
-    try:
-        parsed = urlsplit("//" + item)
-        host, port = parsed.hostname, parsed.port
-    except ValueError:
-        host = port = None
-    if not host or parsed.path or port == 0:
-        raise ConfigError(f"remote_url {shown!r}: {item!r} is not host[:port]")
-    return host, port or default_port
 
 
 def _query_options(query: str, shown: str) -> dict[str, Any]:

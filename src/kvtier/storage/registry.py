@@ -1,12 +1,16 @@
 """Building the tier stack from configuration, with remote tiers registered by URL scheme.
 
 Remote tiers live in their own modules and are imported only when their scheme is used, so their client
-libraries (redis, boto3, ...) stay optional extras.
+libraries (redis, boto3, pymemcache, ...) stay optional extras. Other distributions add tiers through the
+``kvtier.tiers`` entry point group (``docs/remote_tiers.md``, "Writing a tier").
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from urllib.parse import urlsplit
 
 from kvtier.config import GiB, KVTierConfig
@@ -19,33 +23,67 @@ from kvtier.storage.eviction import make_policy
 from kvtier.storage.memory import MemoryTier
 from kvtier.storage.tiered import TieredStorage
 
-#: URL scheme -> "module:factory"; a factory takes ``(url, config, metrics)`` and returns a StorageTier.
-REMOTE_TIERS: dict[str, str] = {
-    "kvtier": "kvtier.storage.kvtier_remote:create_kvtier_tier",
-    "redis": "kvtier.storage.redis:create_redis_tier",
-    "redis-cluster": "kvtier.storage.redis:create_redis_tier",
-    "redis-sentinel": "kvtier.storage.redis:create_redis_tier",
-    "rediss": "kvtier.storage.redis:create_redis_tier",
-    "s3": "kvtier.storage.s3:create_s3_tier",
-    "valkey": "kvtier.storage.redis:create_redis_tier",
-    "valkeys": "kvtier.storage.redis:create_redis_tier",
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TierEntry:
+    """Where a remote tier's factory lives (``"module:factory"``; a factory takes ``(url, config, metrics)`` and
+    returns a StorageTier) and what installs its client library when it is missing."""
+
+    target: str
+    install_hint: str = ""
+
+
+def _extra(name: str) -> str:
+    return f"pip install 'kvtier[{name}]'"
+
+
+#: The remote tiers kvtier ships, by URL scheme. Others come from installed distributions' entry points.
+BUILTIN_TIERS: dict[str, TierEntry] = {
+    "kvtier": TierEntry("kvtier.storage.kvtier_remote:create_kvtier_tier"),
+    "memcached": TierEntry("kvtier.storage.memcached:create_memcached_tier", _extra("memcached")),
+    "redis": TierEntry("kvtier.storage.redis:create_redis_tier", _extra("redis")),
+    "redis-cluster": TierEntry("kvtier.storage.redis:create_redis_tier", _extra("redis")),
+    "redis-sentinel": TierEntry("kvtier.storage.redis:create_redis_tier", _extra("redis")),
+    "rediss": TierEntry("kvtier.storage.redis:create_redis_tier", _extra("redis")),
+    "s3": TierEntry("kvtier.storage.s3:create_s3_tier", _extra("s3")),
+    "valkey": TierEntry("kvtier.storage.redis:create_redis_tier", _extra("redis")),
+    "valkeys": TierEntry("kvtier.storage.redis:create_redis_tier", _extra("redis")),
 }
-#: Extra to install when a scheme's client library is missing.
-REMOTE_EXTRAS = {"s3": "s3"}
+#: Entry point group through which another distribution adds a tier: the entry point's name is the URL scheme,
+#: its value the factory (``[project.entry-points."kvtier.tiers"] foo = "kvtier_foo:create_tier"``).
+ENTRY_POINT_GROUP = "kvtier.tiers"
+
+
+def remote_tiers() -> dict[str, TierEntry]:
+    """Every remote tier available: kvtier's own, then those installed distributions register. A plugin cannot
+    take over a scheme kvtier ships (it is ignored, with a warning)."""
+    tiers = dict(BUILTIN_TIERS)
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        source = point.dist.name if point.dist is not None else "an installed distribution"
+        if point.name in tiers:
+            log.warning("ignoring %s's tier for %s://: kvtier has its own", source, point.name)
+            continue
+        tiers[point.name] = TierEntry(point.value, f"its client library belongs to {source}: reinstall it")
+    return tiers
 
 
 def create_remote_tier(url: str, config: KVTierConfig, metrics: CacheMetrics) -> StorageTier:
     scheme = urlsplit(url).scheme
-    target = REMOTE_TIERS.get(scheme)
-    if target is None:
-        known = ", ".join(sorted(REMOTE_TIERS)) or "none in this build"
-        raise ConfigError(f"remote_url: no remote tier for scheme {scheme!r} (available: {known})")
-    module_name, _, factory_name = target.partition(":")
+    tiers = remote_tiers()
+    entry = tiers.get(scheme)
+    if entry is None:
+        raise ConfigError(f"remote_url: no remote tier for scheme {scheme!r} (available: {', '.join(sorted(tiers))})")
+    module_name, _, factory_name = entry.target.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), factory_name)
     except ImportError as exc:
-        extra = REMOTE_EXTRAS.get(scheme, "redis")
-        raise ConfigError(f"remote_url {scheme}:// needs {exc.name}: pip install 'kvtier[{extra}]'") from None
+        hint = f": {entry.install_hint}" if entry.install_hint else ""
+        missing = (exc.name or "a library").split(".")[0]
+        raise ConfigError(f"remote_url {scheme}:// needs {missing}{hint}") from None
+    except AttributeError:
+        raise ConfigError(f"remote_url {scheme}://: {entry.target} names no factory") from None
     return factory(url, config, metrics)  # type: ignore[no-any-return]
 
 

@@ -20,9 +20,10 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_chunk, encode_chunk
-from kvtier.errors import CorruptChunkError
+from kvtier.errors import ConfigError, CorruptChunkError
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.base import Allocate, StorageTier, TierUsage, discard_bad_chunk
@@ -61,6 +62,18 @@ class RemoteStore(ABC):
 
     def close(self) -> None:
         """Release connections."""
+
+
+def host_port(item: str, default_port: int, shown_url: str) -> tuple[str, int]:
+    """One ``host[:port]`` of a remote_url's server list. Raises ConfigError naming ``shown_url``."""
+    try:
+        parsed = urlsplit("//" + item)
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        host = port = None
+    if not host or parsed.path or port == 0:
+        raise ConfigError(f"remote_url {shown_url!r}: {item!r} is not host[:port]")
+    return host, port or default_port
 
 
 class CircuitBreaker:

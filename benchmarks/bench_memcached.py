@@ -1,0 +1,131 @@
+"""Memcached tier throughput next to the raw client limit, both measured in the same reps.
+
+For each shape, one prompt of ``--tokens`` tokens is ``tokens / chunk_size`` values of one chunk each (payload +
+the 128-byte header, the size kvtier stores), moved three ways:
+
+- ``raw_client``: pymemcache itself (the client kvtier uses), ``set`` / ``get`` one value at a time and
+  ``set_many`` / ``get_many`` for the prompt, replies awaited. Its best is the raw client limit, and
+  ``ratio_to_raw`` is kvtier's GB/s over it;
+- ``tier``: kvtier's memcached tier, ``put`` chunk by chunk and one ``get_many`` for the prompt (header,
+  checksums, verification and the copy into pool memory included);
+- ``engine``: a CacheEngine with memory only staging (``local_cpu: false``): ``store`` + ``flush`` (until
+  written) and ``retrieve`` of that prompt (every chunk read from memcached).
+
+The cases take turns rep by rep (after one untimed warm-up rep); medians are reported. Writes go to absent keys.
+Starts its own memcached (``-I 64m``, 2 GiB, 2 threads) on a free port unless given ``--url``::
+
+    python benchmarks/bench_memcached.py --shapes llama8b small --reps 7 > benchmarks/results/memcached.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pymemcache
+from pymemcache.client.base import Client
+
+from kvtier import KVLayout
+from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE
+from kvtier.storage.memcached import create_memcached_tier
+from remote_cases import Case, accounted, interleaved, kvtier_engine, kvtier_tier, report
+
+from common import SHAPES, cpu_pressure, emit, summary
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "storage"))
+from memcached_servers import MemcachedServer  # the test suite's server helper
+
+
+@contextmanager
+def raw_client(url: str, values: list[np.ndarray]) -> Iterator[list[Case]]:
+    parts = urlsplit(url)
+    client = Client((parts.hostname, parts.port), default_noreply=False, timeout=60, no_delay=True)
+    names = [f"bench/raw/{i}" for i in range(len(values))]
+    blobs = [v.tobytes() for v in values]  # pymemcache sends bytes; made once, outside the timing
+
+    def set_each() -> None:
+        for name, blob in zip(names, blobs, strict=True):
+            assert client.set(name, blob)
+
+    def set_many() -> None:
+        assert client.set_many(dict(zip(names, blobs, strict=True))) == []
+
+    def clear() -> None:
+        client.delete_many(names)
+
+    try:
+        yield [
+            Case("raw_client", "set", set_each, clear),
+            Case("raw_client", "set_many", set_many, clear),
+            Case("raw_client", "get", lambda: [client.get(n) for n in names]),
+            Case("raw_client", "get_many", lambda: client.get_many(names)),
+        ]
+        got = client.get_many(names)
+        assert all(got[n] == b for n, b in zip(names, blobs, strict=True))
+    finally:
+        clear()
+        client.close()
+
+
+def bench_shape(url: str, shape: str, tokens: int, chunk: int, reps: int) -> None:
+    layout = KVLayout(*SHAPES[shape])
+    count, chunk_bytes = tokens // chunk, layout.chunk_bytes(chunk)
+    nbytes = count * (CHUNK_HEADER_SIZE + chunk_bytes)
+    values = [
+        np.random.default_rng(i).integers(0, 256, CHUNK_HEADER_SIZE + chunk_bytes, dtype=np.uint8) for i in range(count)
+    ]
+    psi_start = cpu_pressure()
+    with ExitStack() as stack:
+        cases = [
+            *stack.enter_context(raw_client(url, values)),
+            *stack.enter_context(kvtier_tier(url, create_memcached_tier, layout, tokens, chunk)),
+            *stack.enter_context(kvtier_engine(url, "memcached", layout, tokens, chunk)),
+        ]
+        times = interleaved(sorted(cases, key=lambda c: not c.writes), reps)  # each read follows its writes
+    gbps = {key: summary(t, nbytes)["gbps"] for key, t in times.items()}
+    limit = {
+        True: max(gbps["raw_client", "set"], gbps["raw_client", "set_many"]),
+        False: max(gbps["raw_client", "get"], gbps["raw_client", "get_many"]),
+    }
+    base = {"shape": shape, "tokens": tokens, "chunks": count, "chunk_bytes": chunk_bytes}
+    base["psi_cpu_avg10_start"] = psi_start
+    report("memcached", base, cases, times, nbytes, limit)
+
+
+@contextmanager
+def memcached_url(url: str | None) -> Iterator[tuple[str, int | None]]:
+    """The server's URL and, when started here, its pid."""
+    if url:
+        yield url, None
+        return
+    server = MemcachedServer(None, 2048, "64m")
+    try:
+        server.start()
+        yield server.url, server.pid
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["llama8b", "small"], choices=sorted(SHAPES))
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--url", default=None, help="a memcached:// server to use (default: start one)")
+    args = parser.parse_args()
+    with memcached_url(args.url) as (url, server_pid):
+        emit({"bench": "memcached", "op": "meta", "pymemcache": pymemcache.__version__})
+        with accounted("memcached", [os.getpid(), server_pid]):
+            for shape in args.shapes:
+                bench_shape(url, shape, args.tokens, args.chunk_size, args.reps)
+
+
+if __name__ == "__main__":
+    main()
