@@ -150,6 +150,40 @@ def test_a_prompt_is_one_round_trip(redis_server, make_tier, make_obj, make_keys
         obj.unref()  # type: ignore[union-attr]
 
 
+def test_small_chunk_writes_are_one_pipeline(redis_server, make_tier, make_obj, make_keys, pool, count_sends):
+    """put_many of 16 small chunks: one send of 16 SET NX; again: nothing new is stored, and still one send."""
+    tier = make_tier(redis_server.url)
+    keys = make_keys(16)
+    objs = [make_obj(k, 32) for k in keys]
+    try:
+        with redis_server.client() as client:
+            before = command_calls([client], "set")
+            assert not tier.contains(keys[0])  # the connection is made (its handshake is sends of its own)
+            count_sends[0] = 0
+            assert tier.put_many(keys, objs) == 16
+            assert count_sends[0] == 1
+            assert tier.put_many(keys[:4], objs[:4]) == 0 and count_sends[0] == 2
+            assert command_calls([client], "set") - before == 20
+        assert all(read(tier, k, pool.allocate) is not None for k in keys)
+    finally:
+        for obj in objs:
+            obj.unref()
+
+
+def test_an_engine_writes_a_prompt_of_small_chunks_in_one_round_trip(redis_server, count_sends) -> None:
+    cfg = engine_config(redis_server.url)
+    tokens, kv = list(range(256)), random_kv(256)  # 16 chunks of 4 KiB
+    with CacheEngine(cfg, LAYOUT, model_name="pipelined-writes") as engine:
+        assert engine.lookup(tokens).hit_tokens == 0  # the connection is made
+        count_sends[0] = 0
+        engine.store(tokens, kv)
+        assert engine.flush(10)
+        assert count_sends[0] == 1
+        engine.storage.memory.clear()
+        assert engine.retrieve(tokens).tier_tokens == {"redis": 256}
+        engine.clear()
+
+
 def test_cluster_prompt_spans_nodes_and_is_one_send_per_node(
     redis_cluster, make_tier, make_obj, make_keys, pool, content, count_sends
 ) -> None:
@@ -437,7 +471,8 @@ def test_hung_dead_and_restarted_server(own_redis: RedisServer) -> None:
         assert engine.flush(5)
         # Two timeouts open the breaker; the rest are fast (a slow machine may fit in one more probe).
         assert time.monotonic() - started < 3.0
-        assert errors.value(tier="redis", kind="exists_failed") >= 2
+        failed = errors.value(tier="redis", kind="exists_failed") + errors.value(tier="redis", kind="get_failed")
+        assert failed >= 2  # lookups ask which chunks exist; retrieves read at once
         assert errors.value(tier="redis", kind="circuit_open") >= 8
 
         own_redis.stop()
@@ -567,8 +602,28 @@ def test_a_remote_hit_is_not_written_back(redis_server) -> None:
         assert got.tier_tokens == {"redis": 64} and same_bits(got.kv, kv)
         assert engine.lookup(tokens).tier_tokens == {"memory": 64}
         after = command_calls([client], "set"), command_calls([client], "exists")
-        assert (after[0] - before[0], after[1] - before[1]) == (0, 64 // CHUNK)  # the one batched lookup
+        assert (after[0] - before[0], after[1] - before[1]) == (0, 0)  # read at once; then found in memory
         engine.clear()
+
+
+def test_a_retrieve_is_one_round_trip_and_ends_at_the_first_missing_chunk(redis_server, count_sends) -> None:
+    """An engine retrieve from Redis sends one pipelined GET batch (no EXISTS first); with a chunk gone from the
+    middle it loads the prefix before it. With the cost model on, the tier is asked first (it needs the sizes)."""
+    for cost_model, sends in ((0, 1), (1, 2)):  # 1 token/s: recomputing never pays
+        cfg = engine_config(redis_server.url, local_cpu=False, recompute_tokens_per_sec=cost_model)
+        tokens, kv = list(range(96)), random_kv(96)
+        with CacheEngine(cfg, LAYOUT, model_name="one-trip") as engine, redis_server.client() as client:
+            engine.store(tokens, kv)
+            assert engine.flush(10)
+            count_sends[0] = 0
+            got = engine.retrieve(tokens)
+            assert count_sends[0] == sends
+            assert got.tier_tokens == {"redis": 96} and same_bits(got.kv, kv)
+            keys = engine.chunk_keys(tokens)[1]
+            client.delete(engine.storage.lower[0].name_for(keys[3]))
+            got = engine.retrieve(tokens)
+            assert got.tier_tokens == {"redis": 48} and same_bits(got.kv, kv[:, :, :48])
+            engine.clear()
 
 
 def test_admission_after_two_hits(redis_server) -> None:

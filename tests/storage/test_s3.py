@@ -479,6 +479,18 @@ def assert_retrieves_from_s3(engine: CacheEngine) -> None:
     engine.storage.memory.clear()  # type: ignore[union-attr]
 
 
+def test_a_retrieve_reads_at_once_without_asking_first(server: SeaweedS3, engine: CacheEngine) -> None:
+    """A GET of a missing object answers as fast as a HEAD: a retrieve sends GETs only, one per chunk (and one
+    for the chunk after the prompt's cached part, found missing), never HEADs."""
+    tier = remote_tier(engine)
+    heads, gets = count_calls(tier.store.client, "HeadObject"), count_calls(tier.store.client, "GetObject")
+    longer = [*PROMPT, *range(5000, 5016)]
+    result = engine.retrieve(longer)
+    assert result.tier_tokens == {"s3": len(PROMPT)}
+    np.testing.assert_array_equal(result.kv.view(np.uint16), kv_for(len(PROMPT), 0).view(np.uint16))
+    assert heads == [] and len(gets) == len(PROMPT) // 16 + 1
+
+
 @pytest.mark.slow
 def test_dead_server_gives_fast_misses_and_recovery_after_restart(server: SeaweedS3, engine: CacheEngine) -> None:
     """Server killed: every lookup/retrieve is a miss well within the timeout (connections are refused), the

@@ -155,9 +155,13 @@ class CacheEngine:
             tiers[tier.name] += chunk.num_tokens
         return LookupResult(hit, num_tokens, dict(tiers), lease)
 
-    def _locate(self, chunks: Sequence[Chunk], keys: Sequence[CacheKey]) -> list[StorageTier]:
-        """Where the longest cached prefix lives, cut where fetching would be slower than recomputing."""
-        sources = self.storage.locate(keys)
+    def _locate(self, chunks: Sequence[Chunk], keys: Sequence[CacheKey], *, reading: bool = False) -> list[StorageTier]:
+        """Where the longest cached prefix lives, cut where fetching would be slower than recomputing.
+
+        ``reading``: a read follows at once. Then, unless the cost model needs to know which chunks a remote tier
+        holds before fetching them, the remote tier is not asked first: the read finds out (one round trip)."""
+        ask_remote = not reading or self.config.recompute_tokens_per_sec > 0
+        sources = self.storage.locate(keys, ask_remote=ask_remote)
         end = self.storage.affordable_prefix(
             sources,
             [c.num_tokens for c in chunks],
@@ -332,7 +336,7 @@ class CacheEngine:
         dest = as_destination(out, self.layout) if out is not None else None
         limit = getattr(dest, "num_tokens", num_tokens)
         wanted = [(c, k) for c, k in wanted if c.end <= limit]
-        sources = self._locate([c for c, _ in wanted], [k for _, k in wanted])
+        sources = self._locate([c for c, _ in wanted], [k for _, k in wanted], reading=True)
         wanted = wanted[: len(sources)]
         if dest is None:  # a new array for the located prefix; trimmed below if a chunk fails to read
             end = wanted[-1][0].end if wanted else 0
@@ -370,7 +374,7 @@ class CacheEngine:
         num_tokens, skip, wanted = self._chunks_after(
             tokens, self._skip(tokens, skip_tokens, mask), cache_salt, segment
         )
-        sources = self._locate([c for c, _ in wanted], [k for _, k in wanted])
+        sources = self._locate([c for c, _ in wanted], [k for _, k in wanted], reading=True)
         read = self.storage.read([k for _, k in wanted[: len(sources)]], sources)
         loaded = [c for c, _ in wanted[: len(read.objs)]]
         tiers = _tokens_by_tier(loaded, read.tiers)

@@ -35,7 +35,7 @@ from redis.sentinel import Sentinel
 from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
-from kvtier.storage.remote import CircuitBreaker, RemoteStore, RemoteTier, Value, host_port
+from kvtier.storage.remote import CircuitBreaker, PutItem, RemoteStore, RemoteTier, Value, host_port
 from kvtier.tokens.keys import Namespace
 
 # scheme: (deployment, TLS). Cluster and Sentinel URLs turn TLS on with ``?ssl=true``.
@@ -219,6 +219,29 @@ class RedisStore(RemoteStore):
         with self._connections([name]) as [(conn, _)]:
             conn.send_packed_command(_set_if_absent(name.encode(), parts, size, ttl_sec))
             return conn.read_response() is not None  # OK, or nil when the key existed
+
+    def put_many(self, items: Sequence[PutItem], ttl_sec: float | None) -> list[bool]:
+        """Small values as one pipeline of ``SET NX`` per node (one round trip); large ones one at a time, each
+        after an EXISTS (see :data:`ASK_FIRST_BYTES`)."""
+        sizes = [sum(memoryview(p).nbytes for p in parts) for _, parts, _ in items]
+        small = [i for i, size in enumerate(sizes) if size < ASK_FIRST_BYTES]
+        stored = [False] * len(items)
+        for i in (i for i, size in enumerate(sizes) if size >= ASK_FIRST_BYTES):
+            stored[i] = self.put(items[i][0], items[i][1], ttl_sec)
+        if small:
+            names = [items[i][0] for i in small]
+            with self._connections(names) as connections:
+                for conn, positions in connections:
+                    pieces = [
+                        piece
+                        for n in positions
+                        for piece in _set_if_absent(names[n].encode(), items[small[n]][1], sizes[small[n]], ttl_sec)
+                    ]
+                    conn.send_packed_command(pieces)
+                for conn, positions in connections:
+                    for n in positions:
+                        stored[small[n]] = conn.read_response() is not None  # OK, or nil when it existed
+        return stored
 
     def clear(self, prefix: str) -> int:
         pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"

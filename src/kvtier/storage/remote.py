@@ -32,6 +32,7 @@ from kvtier.tokens.keys import CacheKey, Namespace
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Value = bytes | bytearray | memoryview
+PutItem = tuple[str, Sequence[Value], Namespace | None]  # a value's name, its parts, the chunk's namespace
 
 
 class RemoteStore(ABC):
@@ -47,6 +48,11 @@ class RemoteStore(ABC):
         """Store the concatenation of ``parts`` under ``name`` so that readers see all of it or nothing. False if
         ``name`` already held a value (kept as it was): a store that can, writes only if absent, atomically.
         ``namespace``: the chunk's, for a store that accounts by tenant (a kvtier server); others ignore it."""
+
+    def put_many(self, items: Sequence[PutItem], ttl_sec: float | None) -> list[bool]:
+        """:meth:`put` for each ``(name, parts, namespace)``; a store that can send many in one round trip
+        overrides it. Which were newly stored."""
+        return [self.put(name, parts, ttl_sec, namespace) for name, parts, namespace in items]
 
     @abstractmethod
     def exists_many(self, names: Sequence[str]) -> list[bool]:
@@ -226,17 +232,18 @@ class RemoteTier(StorageTier):
         return None if self.read_bandwidth is None else nbytes / self.read_bandwidth
 
     def put(self, key: CacheKey, obj: MemoryObj) -> bool:
+        return self.put_many([key], [obj]) == 1
+
+    def put_many(self, keys: Sequence[CacheKey], objs: Sequence[MemoryObj]) -> int:
+        """Write chunks in one call to the store (one round trip where it can); return how many were new."""
         started = time.perf_counter()
-        parts = encode_chunk(key.id, obj)
-
-        def write() -> bool:
-            return self.store.put(self.name_for(key), parts, self.ttl_sec, namespace=key.namespace)
-
-        ok = self._call("put", write, False)
-        if ok:
-            self.metrics.write_bytes.inc(CHUNK_HEADER_SIZE + obj.nbytes, tier=self.name)
+        items = [(self.name_for(k), encode_chunk(k.id, o), k.namespace) for k, o in zip(keys, objs, strict=True)]
+        stored = self._call("put", lambda: self.store.put_many(items, self.ttl_sec), [False] * len(items))
+        nbytes = sum(CHUNK_HEADER_SIZE + o.nbytes for o, new in zip(objs, stored, strict=True) if new)
+        if nbytes:
+            self.metrics.write_bytes.inc(nbytes, tier=self.name)
             self.metrics.write_seconds.observe(time.perf_counter() - started, tier=self.name)
-        return ok
+        return sum(stored)
 
     def delete(self, key: CacheKey) -> bool:
         return self._call("delete", lambda: self.store.delete_many([self.name_for(key)]), 0) > 0

@@ -85,17 +85,21 @@ class TieredStorage:
             return self.memory.allocate(layout, num_tokens, align_like)
         return self.pool.allocate(layout, num_tokens, align_like)
 
-    def locate(self, keys: Sequence[CacheKey]) -> list[StorageTier]:
-        """For the longest prefix of ``keys`` held by some tier, the first (fastest) tier holding each key."""
+    def locate(self, keys: Sequence[CacheKey], *, ask_remote: bool = True) -> list[StorageTier]:
+        """For the longest prefix of ``keys`` held by some tier, the first (fastest) tier holding each key.
+
+        ``ask_remote=False`` (for a read that follows at once): keys no local tier holds are assigned to the first
+        remote tier without asking it; the read then finds out, and ends the prefix at its first miss. A read of a
+        missing value answers as fast as an existence check, so a retrieve costs one round trip, not two."""
         prefix: list[StorageTier] = []
-        for tier in self.find(keys):
+        for tier in self.find(keys, ask_remote=ask_remote):
             if tier is None:
                 break
             prefix.append(tier)
         return prefix
 
-    def find(self, keys: Sequence[CacheKey]) -> list[StorageTier | None]:
-        """For each key, the first (fastest) tier holding it, or None."""
+    def find(self, keys: Sequence[CacheKey], *, ask_remote: bool = True) -> list[StorageTier | None]:
+        """For each key, the first (fastest) tier holding it, or None (see :meth:`locate` for ``ask_remote``)."""
         found: list[StorageTier | None] = [None] * len(keys)
         for tier in self.tiers:
             pending = [i for i, t in enumerate(found) if t is None]
@@ -103,6 +107,8 @@ class TieredStorage:
                 break
             if tier.is_local:
                 present = [tier.contains(keys[i]) for i in pending]
+            elif not ask_remote:
+                present = [True] * len(pending)
             else:  # one batched round trip for everything the local tiers lacked
                 present = tier.contains_many([keys[i] for i in pending])
             for i, hit in zip(pending, present, strict=True):

@@ -20,6 +20,7 @@ from kvtier.storage.base import StorageTier
 from kvtier.tokens.keys import CacheKey
 
 log = logging.getLogger(__name__)
+BATCH_BYTES = 1 << 20
 
 
 class BackgroundWriter:
@@ -66,20 +67,40 @@ class BackgroundWriter:
                     self._cond.wait()
                 if not self._queue:
                     return
-                key, obj = self._queue.popleft()
-                self._active += 1
+                batch = self._take_batch()
+                self._active += len(batch)
             try:
-                self.tier.put(key, obj)  # tiers skip keys they already hold
-            except Exception as exc:  # a failing tier must not kill the writer
-                log.warning("background write to %s failed: %s", self.tier.name, exc)
-                self.metrics.errors.inc(tier=self.tier.name, kind="write_failed")
+                self._write(batch)
             finally:
-                obj.unref()
+                for _, obj in batch:
+                    obj.unref()
                 with self._cond:
-                    self._queued_ids.discard(key.id)
-                    self.queued_bytes -= obj.nbytes
-                    self._active -= 1
+                    for key, obj in batch:
+                        self._queued_ids.discard(key.id)
+                        self.queued_bytes -= obj.nbytes
+                    self._active -= len(batch)
                     self._cond.notify_all()
+
+    def _write(self, batch: list[tuple[CacheKey, MemoryObj]]) -> None:
+        try:
+            self.tier.put_many([k for k, _ in batch], [o for _, o in batch])  # tiers skip keys they hold
+        except Exception as exc:  # a failing tier must not kill the writer, nor one chunk lose its neighbours
+            if len(batch) > 1:
+                for item in batch:
+                    self._write([item])
+                return
+            log.warning("background write to %s failed: %s", self.tier.name, exc)
+            self.metrics.errors.inc(tier=self.tier.name, kind="write_failed")
+
+    def _take_batch(self) -> list[tuple[CacheKey, MemoryObj]]:
+        """The next queued chunks up to :data:`BATCH_BYTES` together (at least one): small chunks go to a remote
+        store in one round trip, while large ones stay one per thread, written in parallel."""
+        batch = [self._queue.popleft()]
+        nbytes = batch[0][1].nbytes
+        while self._queue and nbytes + self._queue[0][1].nbytes <= BATCH_BYTES:
+            batch.append(self._queue.popleft())
+            nbytes += batch[-1][1].nbytes
+        return batch
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued chunk is written; False on timeout."""
