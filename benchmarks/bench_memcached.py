@@ -1,18 +1,20 @@
 """Memcached tier throughput next to the raw client limit, both measured in the same reps.
 
 For each shape, one prompt of ``--tokens`` tokens is ``tokens / chunk_size`` values of one chunk each (payload +
-the 128-byte header, the size kvtier stores), moved three ways:
+the 128-byte header, the size kvtier stores), moved four ways:
 
 - ``raw_client``: pymemcache itself (the client kvtier uses), ``set`` / ``get`` one value at a time and
   ``set_many`` / ``get_many`` for the prompt, replies awaited. Its best is the raw client limit, and
   ``ratio_to_raw`` is kvtier's GB/s over it;
+- ``socket``: ``set`` / multi-key ``get`` over a plain socket, values received into pre-faulted buffers: what one
+  connection to this server carries at all (for scale; pymemcache copies each value on the way in and out);
 - ``tier``: kvtier's memcached tier, ``put`` chunk by chunk and one ``get_many`` for the prompt (header,
   checksums, verification and the copy into pool memory included);
 - ``engine``: a CacheEngine with memory only staging (``local_cpu: false``): ``store`` + ``flush`` (until
   written) and ``retrieve`` of that prompt (every chunk read from memcached).
 
 The cases take turns rep by rep (after one untimed warm-up rep); medians are reported. Writes go to absent keys.
-Starts its own memcached (``-I 64m``, 2 GiB, 2 threads) on a free port unless given ``--url``::
+Starts its own memcached (``-I 64m``, 8 GiB, 2 threads) on a free port unless given ``--url``::
 
     python benchmarks/bench_memcached.py --shapes llama8b small --reps 7 > benchmarks/results/memcached.jsonl
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -73,6 +76,36 @@ def raw_client(url: str, values: list[np.ndarray]) -> Iterator[list[Case]]:
         client.close()
 
 
+@contextmanager
+def plain_socket(url: str, values: list[np.ndarray]) -> Iterator[list[Case]]:
+    """``set`` of each value and one multi-key ``get`` over one socket, values received into pre-faulted
+    buffers, without a client library: what one connection to this server carries at all."""
+    parts = urlsplit(url)
+    names = [f"bench/socket/{i}".encode() for i in range(len(values))]
+    gets = b"get " + b" ".join(names) + b"\r\n"
+    received = [np.ones(v.nbytes + 2, np.uint8) for v in values]  # pre-faulted
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = sock.makefile("rb", buffering=1 << 16)
+
+        def set_all() -> None:
+            for name, value in zip(names, values, strict=True):
+                sock.sendall(b"set %s 0 0 %d\r\n" % (name, value.nbytes))
+                sock.sendall(memoryview(value))
+                sock.sendall(b"\r\n")
+                assert reader.readline() == b"STORED\r\n"
+
+        def get_all() -> None:
+            sock.sendall(gets)
+            for buffer in received:
+                assert int(reader.readline().split()[3]) == buffer.nbytes - 2
+                assert reader.readinto(memoryview(buffer)) == buffer.nbytes
+            assert reader.readline() == b"END\r\n"
+
+        yield [Case("socket", "set", set_all), Case("socket", "get", get_all)]
+        assert all(np.array_equal(r[:-2], v) for r, v in zip(received, values, strict=True))
+
+
 def bench_shape(url: str, shape: str, tokens: int, chunk: int, reps: int) -> None:
     layout = KVLayout(*SHAPES[shape])
     count, chunk_bytes = tokens // chunk, layout.chunk_bytes(chunk)
@@ -84,6 +117,7 @@ def bench_shape(url: str, shape: str, tokens: int, chunk: int, reps: int) -> Non
     with ExitStack() as stack:
         cases = [
             *stack.enter_context(raw_client(url, values)),
+            *stack.enter_context(plain_socket(url, values)),
             *stack.enter_context(kvtier_tier(url, create_memcached_tier, layout, tokens, chunk)),
             *stack.enter_context(kvtier_engine(url, "memcached", layout, tokens, chunk)),
         ]
@@ -104,7 +138,7 @@ def memcached_url(url: str | None) -> Iterator[tuple[str, int | None]]:
     if url:
         yield url, None
         return
-    server = MemcachedServer(None, 2048, "64m")
+    server = MemcachedServer(None, 8192, "64m")  # room for every case's chunks: no evictions
     try:
         server.start()
         yield server.url, server.pid

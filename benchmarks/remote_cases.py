@@ -53,7 +53,8 @@ def kvtier_tier(url: str, factory: TierFactory, layout: KVLayout, tokens: int, c
 
     def release() -> None:
         for obj in got:
-            obj.unref()
+            if obj is not None:  # a miss (e.g. evicted); the check after the reps reports it
+                obj.unref()
         got.clear()
 
     def get_many() -> None:
@@ -63,6 +64,7 @@ def kvtier_tier(url: str, factory: TierFactory, layout: KVLayout, tokens: int, c
     try:
         yield [
             Case("tier", "put", lambda: [tier.put(k, o) for k, o in zip(keys, objs, strict=True)], tier.clear),
+            Case("tier", "put_many", lambda: tier.put_many(keys, objs), tier.clear),  # as the writer hands them
             Case("tier", "get_many", get_many, release),
         ]
         get_many()

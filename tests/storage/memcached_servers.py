@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from processes import DIE_WITH_PARENT, free_ports
@@ -88,9 +89,16 @@ class MemcachedServer:
         return self._proc.pid if self._proc is not None else None
 
     def pause(self) -> None:
-        """SIGSTOP: the port still accepts connections but nothing answers, like a hung server."""
+        """SIGSTOP: the port still accepts connections but nothing answers, like a hung server. Returns once
+        every thread has stopped (the signal is asynchronous: a busy thread could still answer a request)."""
         assert self._proc is not None
         self._proc.send_signal(signal.SIGSTOP)
+        tasks = Path(f"/proc/{self._proc.pid}/task")
+        deadline = time.monotonic() + START_TIMEOUT_SEC
+        while not all(_stopped(task) for task in tasks.iterdir()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("memcached did not stop")
+            time.sleep(0.005)
 
     def resume(self) -> None:
         assert self._proc is not None
@@ -104,6 +112,12 @@ class MemcachedServer:
             while not reply.endswith(end):
                 reply += s.recv(1 << 20)
             return reply
+
+
+def _stopped(task: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return (task / "stat").read_text().rpartition(")")[2].split()[0] in ("T", "t")
+    return True  # gone
 
 
 def require_memcached() -> None:

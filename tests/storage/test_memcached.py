@@ -23,6 +23,7 @@ from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_header
 from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
+from kvtier.storage import memcached
 from kvtier.storage.memcached import MemcachedURL, create_memcached_tier, parse_url
 from kvtier.storage.registry import create_remote_tier
 from kvtier.storage.remote import RemoteTier
@@ -167,16 +168,19 @@ def test_one_item_per_chunk_holding_header_and_payload(memcached_server, make_ti
 
 @pytest.fixture
 def count_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts the commands pymemcache sends (each one round trip), by method."""
+    """Counts the commands the tier sends to servers (each one round trip): meta commands, gets, adds."""
     calls: dict[str, int] = {}
-    for name in ("get_many", "raw_command", "add"):
-        original = getattr(Client, name)
 
-        def counting(self, *args, _original=original, _name=name, **kwargs):  # type: ignore[no-untyped-def]
-            calls[_name] = calls.get(_name, 0) + 1
-            return _original(self, *args, **kwargs)
+    def counted(name: str, original):  # type: ignore[no-untyped-def]
+        def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls[name] = calls.get(name, 0) + 1
+            return original(*args, **kwargs)
 
-        monkeypatch.setattr(Client, name, counting)
+        return counting
+
+    monkeypatch.setattr(Client, "raw_command", counted("raw_command", Client.raw_command))
+    for name in ("_get_values", "_add_many"):
+        monkeypatch.setattr(memcached, name, counted(name, getattr(memcached, name)))
     return calls
 
 
@@ -192,10 +196,24 @@ def test_a_prompt_is_one_round_trip_per_server(memcached_trio, make_tier, make_o
     assert tier.contains_many(keys) == [True] * 30
     assert count_calls == {"raw_command": 3}
     objs = tier.get_many(keys, pool.allocate)
-    assert count_calls == {"raw_command": 3, "get_many": 3}
+    assert count_calls == {"raw_command": 3, "_get_values": 3}
     assert all(o is not None for o in objs)
     for obj in objs:
         obj.unref()  # type: ignore[union-attr]
+
+
+def test_a_batch_of_writes_is_one_round_trip_per_server(memcached_trio, make_tier, make_obj, make_keys, count_calls):
+    tier = make_tier(url_of(memcached_trio))
+    keys = make_keys(30)
+    objs = [make_obj(k, 32) for k in keys]
+    try:
+        assert tier.put_many(keys, objs) == 30
+        assert count_calls == {"_add_many": 3}
+        assert tier.put_many(keys, objs) == 0  # already there: not stored twice
+        assert tier.contains_many(keys) == [True] * 30
+    finally:
+        for obj in objs:
+            obj.unref()
 
 
 def test_removing_a_server_moves_only_its_keys(memcached_trio, metrics) -> None:
@@ -323,7 +341,7 @@ def test_hung_dead_and_restarted_server(own_memcached: MemcachedServer) -> None:
         engine.store(list(range(100, 164)), kv)
         assert engine.flush(5)
         assert time.monotonic() - started < 3.0  # two timeouts open the breakers; the rest are fast
-        failed = errors.value(tier="memcached", kind="exists_failed") + errors.value(tier="memcached", kind="get_failed")
+        failed = sum(errors.value(tier="memcached", kind=f"{op}_failed") for op in ("exists", "get"))
         assert failed >= 2  # lookups ask which chunks exist; retrieves read at once
         assert errors.value(tier="memcached", kind="circuit_open") >= 8
 

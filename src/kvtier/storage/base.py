@@ -45,6 +45,9 @@ class StorageTier(ABC):
     #: Write a chunk here only once it has been hit this many times (0: on store). Keeps one-off prompts
     #: out of a shared remote store.
     admit_after_hits: int = 0
+    #: The background writer hands this tier consecutive chunks up to this many bytes in one ``put_many``
+    #: (a store that sends them in one round trip); 0: one chunk per call, writer threads in parallel.
+    write_batch_bytes: int = 0
 
     @abstractmethod
     def contains(self, key: CacheKey) -> bool:

@@ -17,13 +17,11 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import numpy as np
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
@@ -35,6 +33,7 @@ from redis.sentinel import Sentinel
 from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
+from kvtier.storage.receive import ReceiveBuffers, SocketReader
 from kvtier.storage.remote import CircuitBreaker, PutItem, RemoteStore, RemoteTier, Value, host_port
 from kvtier.tokens.keys import Namespace
 
@@ -170,7 +169,7 @@ class RedisStore(RemoteStore):
         self._client: redis.Redis | RedisCluster | None = None
         self._sentinel: Sentinel | None = None
         self._lock = threading.Lock()
-        self._buffers = _Buffers(IDLE_BUFFER_BYTES)
+        self._buffers = ReceiveBuffers(IDLE_BUFFER_BYTES)
 
     @property
     def client(self) -> redis.Redis | RedisCluster:
@@ -213,34 +212,32 @@ class RedisStore(RemoteStore):
         return sum(self._pipelined(b"UNLINK", names, _simple_replies))
 
     def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None, namespace: Namespace | None = None) -> bool:
-        size = sum(memoryview(p).nbytes for p in parts)
-        if size >= ASK_FIRST_BYTES and self.exists_many([name])[0]:
-            return False
-        with self._connections([name]) as [(conn, _)]:
-            conn.send_packed_command(_set_if_absent(name.encode(), parts, size, ttl_sec))
-            return conn.read_response() is not None  # OK, or nil when the key existed
+        return self.put_many([(name, parts, namespace)], ttl_sec)[0]
+
+    write_batch_bytes = 8 << 20
 
     def put_many(self, items: Sequence[PutItem], ttl_sec: float | None) -> list[bool]:
-        """Small values as one pipeline of ``SET NX`` per node (one round trip); large ones one at a time, each
-        after an EXISTS (see :data:`ASK_FIRST_BYTES`)."""
+        """One pipeline of ``SET NX`` per node (one round trip), after one pipelined EXISTS for the values of
+        :data:`ASK_FIRST_BYTES` or more (not sent at all when already held)."""
         sizes = [sum(memoryview(p).nbytes for p in parts) for _, parts, _ in items]
-        small = [i for i, size in enumerate(sizes) if size < ASK_FIRST_BYTES]
+        large = [i for i, size in enumerate(sizes) if size >= ASK_FIRST_BYTES]
+        held = {i for i, found in zip(large, self.exists_many([items[i][0] for i in large]), strict=True) if found}
+        send = [i for i in range(len(items)) if i not in held]
         stored = [False] * len(items)
-        for i in (i for i, size in enumerate(sizes) if size >= ASK_FIRST_BYTES):
-            stored[i] = self.put(items[i][0], items[i][1], ttl_sec)
-        if small:
-            names = [items[i][0] for i in small]
-            with self._connections(names) as connections:
-                for conn, positions in connections:
-                    pieces = [
-                        piece
-                        for n in positions
-                        for piece in _set_if_absent(names[n].encode(), items[small[n]][1], sizes[small[n]], ttl_sec)
-                    ]
-                    conn.send_packed_command(pieces)
-                for conn, positions in connections:
-                    for n in positions:
-                        stored[small[n]] = conn.read_response() is not None  # OK, or nil when it existed
+        if not send:
+            return stored
+        names = [items[i][0] for i in send]
+        with self._connections(names) as connections:
+            for conn, positions in connections:
+                pieces = [
+                    piece
+                    for n in positions
+                    for piece in _set_if_absent(names[n].encode(), items[send[n]][1], sizes[send[n]], ttl_sec)
+                ]
+                conn.send_packed_command(pieces)
+            for conn, positions in connections:
+                for n in positions:
+                    stored[send[n]] = conn.read_response() is not None  # OK, or nil when it existed
         return stored
 
     def clear(self, prefix: str) -> int:
@@ -345,85 +342,30 @@ def _set_if_absent(name: bytes, parts: Sequence[Value], size: int, ttl_sec: floa
     return [*pieces, tail]
 
 
-class _Buffers:
-    """Receive buffers, each reused once the value read into it is dropped: fresh memory is slow to fault in
-    (here 0.7-6 GB/s, against ~10 GB/s for copies between resident buffers). Keeps at most ``max_idle_bytes``."""
-
-    def __init__(self, max_idle_bytes: int) -> None:
-        self.max_idle_bytes = max_idle_bytes
-        self._idle: dict[int, list[np.ndarray]] = {}
-        self._idle_bytes = 0
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> memoryview:
-        with self._lock:
-            idle = self._idle.get(nbytes)
-            if idle:
-                self._idle_bytes -= nbytes
-            buffer = idle.pop() if idle else None
-        if buffer is None:
-            buffer = np.empty(nbytes, np.uint8)  # numpy backs large arrays with transparent huge pages
-        value = buffer[:]  # handed out; when the last reference to it goes, the buffer is idle again
-        weakref.finalize(value, self._give, buffer)
-        return memoryview(value)
-
-    def _give(self, buffer: np.ndarray) -> None:
-        with self._lock:
-            if self._idle_bytes + buffer.nbytes <= self.max_idle_bytes:
-                self._idle.setdefault(buffer.nbytes, []).append(buffer)
-                self._idle_bytes += buffer.nbytes
-
-
 class _ValueReader:
-    """Bulk-string replies read from a connection's socket, each received into a buffer of its own size: one
-    copy, by the kernel. The pool hands out connections with nothing left to read, so the replies to the
-    commands just sent are the next bytes on the socket; redis-py has no public accessor for it."""
+    """Bulk-string replies read from a connection's socket (``kvtier.storage.receive``). The pool hands out
+    connections with nothing left to read, so the replies to the commands just sent are the next bytes on the
+    socket; redis-py has no public accessor for it."""
 
-    def __init__(self, conn: Any, buffers: _Buffers) -> None:
-        self._sock = conn._sock
-        self._buffers = buffers
-        self._buf = bytearray()
-        self._pos = 0
+    def __init__(self, conn: Any, buffers: ReceiveBuffers) -> None:
+        self._reader = SocketReader(conn._sock, buffers)
 
     def read(self, count: int) -> list[memoryview | None]:
         try:
             return [self._value() for _ in range(count)]
         except TimeoutError as exc:  # socket.timeout
             raise redis.TimeoutError("timeout reading from the socket") from exc
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise redis.ConnectionError(f"error reading from the socket: {exc}") from exc
 
     def _value(self) -> memoryview | None:
-        line = self._line()
+        line = self._reader.line()
         if line.startswith(b"-"):
             raise ResponseError(line[1:].decode(errors="replace"))
         if not line.startswith(b"$"):
             raise InvalidResponse(f"expected a bulk string, got {line[:40]!r}")
         size = int(line[1:])
-        if size < 0:
-            return None
-        value = self._buffers.take(size + 2)  # the value and its CRLF
-        have = min(len(self._buf) - self._pos, len(value))
-        value[:have] = self._buf[self._pos : self._pos + have]
-        self._pos += have
-        while have < len(value):
-            received = self._sock.recv_into(value[have:])
-            if not received:
-                raise redis.ConnectionError("the server closed the connection")
-            have += received
-        return value[:size]
-
-    def _line(self) -> bytes:
-        while (end := self._buf.find(b"\r\n", self._pos)) < 0:
-            del self._buf[: self._pos]
-            self._pos = 0
-            received = self._sock.recv(READ_SIZE)
-            if not received:
-                raise redis.ConnectionError("the server closed the connection")
-            self._buf += received
-        line = bytes(self._buf[self._pos : end])
-        self._pos = end + 2
-        return line
+        return None if size < 0 else self._reader.value(size)
 
 
 def create_redis_tier(url: str, config: KVTierConfig, metrics: CacheMetrics) -> RemoteTier:

@@ -49,6 +49,10 @@ class RemoteStore(ABC):
         ``name`` already held a value (kept as it was): a store that can, writes only if absent, atomically.
         ``namespace``: the chunk's, for a store that accounts by tenant (a kvtier server); others ignore it."""
 
+    #: A store that sends many values in one round trip overrides :meth:`put_many` and sets this: the bytes of
+    #: chunks it wants per call (see ``StorageTier.write_batch_bytes``).
+    write_batch_bytes = 0
+
     def put_many(self, items: Sequence[PutItem], ttl_sec: float | None) -> list[bool]:
         """:meth:`put` for each ``(name, parts, namespace)``; a store that can send many in one round trip
         overrides it. Which were newly stored."""
@@ -155,6 +159,7 @@ class RemoteTier(StorageTier):
         self.ttl_sec = ttl_sec or None
         self.delete_corrupt = delete_corrupt
         self.admit_after_hits = admit_after_hits
+        self.write_batch_bytes = store.write_batch_bytes
         self.read_bandwidth: float | None = None  # bytes/s of batched reads (latency included), moving average
         self._incident_errors = 0
 

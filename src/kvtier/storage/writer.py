@@ -20,7 +20,6 @@ from kvtier.storage.base import StorageTier
 from kvtier.tokens.keys import CacheKey
 
 log = logging.getLogger(__name__)
-BATCH_BYTES = 1 << 20
 
 
 class BackgroundWriter:
@@ -93,11 +92,11 @@ class BackgroundWriter:
             self.metrics.errors.inc(tier=self.tier.name, kind="write_failed")
 
     def _take_batch(self) -> list[tuple[CacheKey, MemoryObj]]:
-        """The next queued chunks up to :data:`BATCH_BYTES` together (at least one): small chunks go to a remote
-        store in one round trip, while large ones stay one per thread, written in parallel."""
+        """The next queued chunks up to the tier's ``write_batch_bytes`` together (at least one): small chunks go
+        to a store that pipelines in one round trip, while large ones stay one per thread, written in parallel."""
         batch = [self._queue.popleft()]
         nbytes = batch[0][1].nbytes
-        while self._queue and nbytes + self._queue[0][1].nbytes <= BATCH_BYTES:
+        while self._queue and nbytes + self._queue[0][1].nbytes <= self.tier.write_batch_bytes:
             batch.append(self._queue.popleft())
             nbytes += batch[-1][1].nbytes
         return batch
