@@ -101,7 +101,7 @@ def kvtier_engine(url: str, tier_name: str, layout: KVLayout, tokens: int, chunk
 
         def retrieve() -> None:
             result = engine.retrieve(last[0], out=out)
-            assert result.tier_tokens == {tier_name: tokens}
+            assert result.tier_tokens == {tier_name: tokens}, (result.tier_tokens, engine.metrics.errors.samples())
 
         try:
             yield [

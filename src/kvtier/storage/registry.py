@@ -43,6 +43,11 @@ def _extra(name: str) -> str:
 BUILTIN_TIERS: dict[str, TierEntry] = {
     "kvtier": TierEntry("kvtier.storage.kvtier_remote:create_kvtier_tier"),
     "memcached": TierEntry("kvtier.storage.memcached:create_memcached_tier", _extra("memcached")),
+    "mooncakestore": TierEntry(
+        "kvtier.storage.mooncake:create_mooncake_tier",
+        "pip install mooncake-transfer-engine (CUDA machines) or mooncake-transfer-engine-non-cuda, "
+        "and the libibverbs1 system package it links",
+    ),
     "redis": TierEntry("kvtier.storage.redis:create_redis_tier", _extra("redis")),
     "redis-cluster": TierEntry("kvtier.storage.redis:create_redis_tier", _extra("redis")),
     "redis-sentinel": TierEntry("kvtier.storage.redis:create_redis_tier", _extra("redis")),
