@@ -21,12 +21,12 @@ Starts its own memcached (``-I 64m``, 8 GiB, 2 threads) on a free port unless gi
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,12 +34,10 @@ import numpy as np
 import pymemcache
 from pymemcache.client.base import Client
 
-from kvtier import KVLayout
-from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE
 from kvtier.storage.memcached import create_memcached_tier
-from remote_cases import Case, accounted, interleaved, kvtier_engine, kvtier_tier, report
+from remote_cases import Backend, Case, accounted, bench_shape
 
-from common import SHAPES, cpu_pressure, emit, summary
+from common import emit, shape_parser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "storage"))
 from memcached_servers import MemcachedServer  # the test suite's server helper
@@ -106,32 +104,6 @@ def plain_socket(url: str, values: list[np.ndarray]) -> Iterator[list[Case]]:
         assert all(np.array_equal(r[:-2], v) for r, v in zip(received, values, strict=True))
 
 
-def bench_shape(url: str, shape: str, tokens: int, chunk: int, reps: int) -> None:
-    layout = KVLayout(*SHAPES[shape])
-    count, chunk_bytes = tokens // chunk, layout.chunk_bytes(chunk)
-    nbytes = count * (CHUNK_HEADER_SIZE + chunk_bytes)
-    values = [
-        np.random.default_rng(i).integers(0, 256, CHUNK_HEADER_SIZE + chunk_bytes, dtype=np.uint8) for i in range(count)
-    ]
-    psi_start = cpu_pressure()
-    with ExitStack() as stack:
-        cases = [
-            *stack.enter_context(raw_client(url, values)),
-            *stack.enter_context(plain_socket(url, values)),
-            *stack.enter_context(kvtier_tier(url, create_memcached_tier, layout, tokens, chunk)),
-            *stack.enter_context(kvtier_engine(url, "memcached", layout, tokens, chunk)),
-        ]
-        times = interleaved(sorted(cases, key=lambda c: not c.writes), reps)  # each read follows its writes
-    gbps = {key: summary(t, nbytes)["gbps"] for key, t in times.items()}
-    limit = {
-        True: max(gbps["raw_client", "set"], gbps["raw_client", "set_many"]),
-        False: max(gbps["raw_client", "get"], gbps["raw_client", "get_many"]),
-    }
-    base = {"shape": shape, "tokens": tokens, "chunks": count, "chunk_bytes": chunk_bytes}
-    base["psi_cpu_avg10_start"] = psi_start
-    report("memcached", base, cases, times, nbytes, limit)
-
-
 @contextmanager
 def memcached_url(url: str | None) -> Iterator[tuple[str, int | None]]:
     """The server's URL and, when started here, its pid."""
@@ -147,18 +119,17 @@ def memcached_url(url: str | None) -> Iterator[tuple[str, int | None]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["llama8b", "small"], choices=sorted(SHAPES))
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--chunk-size", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=7)
+    parser = shape_parser(__doc__)
     parser.add_argument("--url", default=None, help="a memcached:// server to use (default: start one)")
     args = parser.parse_args()
     with memcached_url(args.url) as (url, server_pid):
         emit({"bench": "memcached", "op": "meta", "pymemcache": pymemcache.__version__})
+        raw = [partial(raw_client, url), partial(plain_socket, url)]
+        limits = ("set", "set_many"), ("get", "get_many")
+        backend = Backend("memcached", url, create_memcached_tier, "memcached", raw, *limits)
         with accounted("memcached", [os.getpid(), server_pid]):
             for shape in args.shapes:
-                bench_shape(url, shape, args.tokens, args.chunk_size, args.reps)
+                bench_shape(backend, shape, args.tokens, args.chunk_size, args.reps)
 
 
 if __name__ == "__main__":

@@ -17,23 +17,21 @@ The cases take turns rep by rep (after one untimed warm-up rep); medians are rep
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from mooncake.store import MooncakeDistributedStore
 
-from kvtier import KVLayout
-from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE
 from kvtier.storage.mooncake import create_mooncake_tier, regex_prefix
-from remote_cases import Case, accounted, interleaved, kvtier_engine, kvtier_tier, report
+from remote_cases import Backend, Case, accounted, bench_shape
 
-from common import SHAPES, cpu_pressure, emit, summary
+from common import emit, shape_parser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "storage"))
 from mooncake_servers import MooncakeStore  # the test suite's store helper
@@ -77,37 +75,8 @@ def raw_client(store: MooncakeStore, values: list[np.ndarray]) -> Iterator[list[
         client.close()
 
 
-def bench_shape(store: MooncakeStore, shape: str, tokens: int, chunk: int, reps: int) -> None:
-    layout = KVLayout(*SHAPES[shape])
-    count, chunk_bytes = tokens // chunk, layout.chunk_bytes(chunk)
-    nbytes = count * (CHUNK_HEADER_SIZE + chunk_bytes)
-    values = [
-        np.random.default_rng(i).integers(0, 256, CHUNK_HEADER_SIZE + chunk_bytes, dtype=np.uint8) for i in range(count)
-    ]
-    psi_start = cpu_pressure()
-    with ExitStack() as stack:
-        cases = [
-            *stack.enter_context(raw_client(store, values)),
-            *stack.enter_context(kvtier_tier(store.url, create_mooncake_tier, layout, tokens, chunk)),
-            *stack.enter_context(kvtier_engine(store.url, "mooncake", layout, tokens, chunk)),
-        ]
-        times = interleaved(sorted(cases, key=lambda c: not c.writes), reps)  # each read follows its writes
-    gbps = {key: summary(t, nbytes)["gbps"] for key, t in times.items()}
-    limit = {
-        True: max(gbps["raw_client", "put_from"], gbps["raw_client", "put_batch"]),
-        False: max(gbps["raw_client", "get_into"], gbps["raw_client", "get_batch"]),
-    }
-    base = {"shape": shape, "tokens": tokens, "chunks": count, "chunk_bytes": chunk_bytes}
-    base["psi_cpu_avg10_start"] = psi_start
-    report("mooncake", base, cases, times, nbytes, limit)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["llama8b", "small"], choices=sorted(SHAPES))
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--chunk-size", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=7)
+    parser = shape_parser(__doc__)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-mooncake-") as root:
         # The pool holds every case's prompt; kvtier's transfer buffer is the default (512 MiB); reads of a
@@ -115,9 +84,13 @@ def main() -> None:
         store = MooncakeStore(Path(root), pool_mb=8192, lease_ms=10_000, client_buffer_mb=512).start()
         try:
             emit({"bench": "mooncake", "op": "meta"})
+            limits = ("put_from", "put_batch"), ("get_into", "get_batch")
+            backend = Backend(
+                "mooncake", store.url, create_mooncake_tier, "mooncake", [partial(raw_client, store)], *limits
+            )
             with accounted("mooncake", [os.getpid(), *store.pids]):
                 for shape in args.shapes:
-                    bench_shape(store, shape, args.tokens, args.chunk_size, args.reps)
+                    bench_shape(backend, shape, args.tokens, args.chunk_size, args.reps)
         finally:
             store.stop()
 

@@ -8,7 +8,6 @@ file writes / cold reads of the same bytes in the same chunk-sized files (disk t
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import tempfile
@@ -24,7 +23,7 @@ except ImportError:  # torch is optional: the numpy path is measured either way
 
 from kvtier import CacheEngine, KVLayout, load_config
 
-from common import SHAPES, drop_file_cache, emit, prompt, random_kv, summary, timed
+from common import SHAPES, drop_file_cache, emit, prompt, random_kv, shape_parser, summary, timed
 
 
 def memcpy_limit(nbytes: int, reps: int, threads: int) -> dict[str, float]:
@@ -193,11 +192,7 @@ def bench_lookup(tokens: int, chunk: int, reps: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["llama8b", "small"], choices=sorted(SHAPES))
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--chunk-size", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=7)
+    parser = shape_parser(__doc__)
     parser.add_argument("--lookup-tokens", type=int, default=32768)
     parser.add_argument("--dir", default=None, help="scratch directory on the disk to measure (default: a temp dir)")
     args = parser.parse_args()

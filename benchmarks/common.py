@@ -3,6 +3,7 @@ a ``kvtier server`` child process."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -25,6 +26,16 @@ SHAPES = {
     "llama8b": (32, 8, 128, "float16"),
     "small": (2, 2, 64, "float16"),
 }
+
+
+def shape_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments every prompt-shaped benchmark takes: shapes, prompt tokens, chunk size, repetitions."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["llama8b", "small"], choices=sorted(SHAPES))
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=7)
+    return parser
 
 
 def cpu_pressure() -> float | None:

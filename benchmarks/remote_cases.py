@@ -7,12 +7,13 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from kvtier import CacheEngine, KVLayout, load_config
+from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE
 from kvtier.config import KVTierConfig
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.memory.pool import MemoryPool
@@ -20,7 +21,7 @@ from kvtier.metrics import CacheMetrics
 from kvtier.storage.remote import RemoteTier
 from kvtier.tokens.keys import Namespace
 
-from common import emit, prompt, random_kv, summary
+from common import SHAPES, cpu_pressure, emit, prompt, random_kv, summary
 
 TierFactory = Callable[[str, KVTierConfig, CacheMetrics], RemoteTier]
 
@@ -159,3 +160,44 @@ def report(bench: str, base: dict, cases: list[Case], times: dict[tuple[str, str
         record = {"bench": bench, **base, "level": case.level, "op": case.op, "bytes": nbytes}
         record |= summary(times[key], nbytes)
         emit(record | {"raw_client_gbps": limit[case.writes], "ratio_to_raw": record["gbps"] / limit[case.writes]})
+
+
+RawCases = Callable[[list[np.ndarray]], AbstractContextManager[list[Case]]]
+
+
+@dataclass
+class Backend:
+    """One remote store as a benchmark sees it: where it is, kvtier's factory and tier name, how its raw client
+    moves the values (each a context giving cases), and which raw operations are the limit for writes and reads."""
+
+    bench: str
+    url: str
+    factory: TierFactory
+    tier_name: str
+    raw: list[RawCases]
+    write_limit: tuple[str, ...]
+    read_limit: tuple[str, ...]
+
+
+def bench_shape(backend: Backend, shape: str, tokens: int, chunk: int, reps: int) -> None:
+    """One prompt of ``shape``: the raw cases, kvtier's tier and an engine, taking turns; a JSON line per case."""
+    layout = KVLayout(*SHAPES[shape])
+    count, chunk_bytes = tokens // chunk, layout.chunk_bytes(chunk)
+    nbytes = count * (CHUNK_HEADER_SIZE + chunk_bytes)
+    values = [
+        np.random.default_rng(i).integers(0, 256, CHUNK_HEADER_SIZE + chunk_bytes, dtype=np.uint8) for i in range(count)
+    ]
+    psi_start = cpu_pressure()
+    with ExitStack() as stack:
+        cases = [case for raw in backend.raw for case in stack.enter_context(raw(values))]
+        cases += stack.enter_context(kvtier_tier(backend.url, backend.factory, layout, tokens, chunk))
+        cases += stack.enter_context(kvtier_engine(backend.url, backend.tier_name, layout, tokens, chunk))
+        times = interleaved(sorted(cases, key=lambda c: not c.writes), reps)  # each read follows its writes
+    gbps = {key: summary(t, nbytes)["gbps"] for key, t in times.items()}
+    limit = {
+        True: max(gbps["raw_client", op] for op in backend.write_limit),
+        False: max(gbps["raw_client", op] for op in backend.read_limit),
+    }
+    base = {"shape": shape, "tokens": tokens, "chunks": count, "chunk_bytes": chunk_bytes}
+    base["psi_cpu_avg10_start"] = psi_start  # psi_cpu_avg10 (added by emit) is at the end of the shape's reps
+    report(backend.bench, base, cases, times, nbytes, limit)

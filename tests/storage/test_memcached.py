@@ -7,22 +7,21 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from urllib.parse import unquote
 
 import memcached_servers
 import numpy as np
 import pytest
+import remote_helpers
 from contract import StorageTierContract, read, store
 from memcached_servers import MemcachedServer
 from pymemcache.client.base import Client
+from remote_helpers import LAYOUT, config, engine_config, random_kv, same_bits
 
-from kvtier import CacheEngine, KVLayout, load_config
+from kvtier import CacheEngine, load_config
 from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_header
-from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
-from kvtier.metrics import CacheMetrics
 from kvtier.storage import memcached
 from kvtier.storage.memcached import MemcachedURL, create_memcached_tier, parse_url
 from kvtier.storage.registry import create_remote_tier
@@ -30,9 +29,7 @@ from kvtier.storage.remote import RemoteTier
 
 memcached_server = memcached_servers.memcached_server
 own_memcached = memcached_servers.own_memcached
-
-LAYOUT = KVLayout(2, 2, 16)  # 256 bytes per token: a 16-token chunk is 4 KiB
-CHUNK = 16
+make_tier = remote_helpers.make_tier
 
 
 @pytest.fixture(scope="module")
@@ -50,24 +47,6 @@ def url_of(servers: list[MemcachedServer]) -> str:
     return "memcached://" + ",".join(f"127.0.0.1:{s.port}" for s in servers)
 
 
-def config(url: str, **overrides: object) -> KVTierConfig:
-    """A configuration with its own key prefix, so tests sharing a server never see each other's chunks."""
-    values = {"remote_url": url, "remote_prefix": f"test-{uuid.uuid4().hex[:12]}", "remote_timeout_sec": 5.0}
-    return load_config(env={}, overrides={**values, **overrides})
-
-
-def engine_config(url: str, **overrides: object) -> KVTierConfig:
-    return config(url, chunk_size=CHUNK, max_local_cpu_size=0.01, **overrides)
-
-
-def random_kv(tokens: int, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(LAYOUT.chunk_shape(tokens)).astype(np.float16)
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    return np.array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
-
-
 def raw_client(server: MemcachedServer) -> Client:
     return Client(("127.0.0.1", server.port), default_noreply=False, timeout=5)
 
@@ -77,22 +56,6 @@ def items_on(server: MemcachedServer, prefix: str) -> int:
     dump = server.command_reply(b"lru_crawler metadump all\r\n", b"END\r\n")
     names = [unquote(line[4:].split(b" ")[0].decode()) for line in dump.split(b"\n") if line.startswith(b"key=")]
     return sum(name.startswith(prefix) for name in names)
-
-
-@pytest.fixture
-def make_tier(metrics: CacheMetrics) -> Iterator[Callable[..., RemoteTier]]:
-    """``make_tier(url, **config)``: a memcached tier under a fresh prefix, cleared and closed after the test."""
-    made: list[RemoteTier] = []
-
-    def make(url: str, **overrides: object) -> RemoteTier:
-        tier = create_memcached_tier(url, config(url, **overrides), metrics)
-        made.append(tier)
-        return tier
-
-    yield make
-    for tier in made:
-        tier.clear()
-        tier.close()
 
 
 # -- the storage contract ------------------------------------------------------------------------------------------

@@ -6,22 +6,20 @@ KV through it."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mooncake_servers
 import numpy as np
 import pytest
+import remote_helpers
 from contract import StorageTierContract, read, store
 from mooncake_servers import MooncakeStore
+from remote_helpers import LAYOUT, config, engine_config, engine_process, random_kv, same_bits
 
-from kvtier import CacheEngine, KVLayout, load_config
+from kvtier import CacheEngine, KVLayout
 from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE
-from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.registry import create_remote_tier
@@ -29,42 +27,7 @@ from kvtier.storage.remote import RemoteTier
 
 mooncake_store = mooncake_servers.mooncake_store
 own_mooncake = mooncake_servers.own_mooncake
-
-LAYOUT = KVLayout(2, 2, 16)  # 256 bytes per token: a 16-token chunk is 4 KiB
-CHUNK = 16
-
-
-def config(url: str, **overrides: object) -> KVTierConfig:
-    values = {"remote_url": url, "remote_prefix": f"test-{uuid.uuid4().hex[:12]}", "remote_timeout_sec": 5.0}
-    return load_config(env={}, overrides={**values, **overrides})
-
-
-def engine_config(url: str, **overrides: object) -> KVTierConfig:
-    return config(url, chunk_size=CHUNK, max_local_cpu_size=0.01, **overrides)
-
-
-def random_kv(tokens: int, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(LAYOUT.chunk_shape(tokens)).astype(np.float16)
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    return np.array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
-
-
-@pytest.fixture
-def make_tier(metrics: CacheMetrics) -> Iterator[Callable[..., RemoteTier]]:
-    made: list[RemoteTier] = []
-
-    def make(url: str, **overrides: object) -> RemoteTier:
-        tier = create_remote_tier(url, config(url, **overrides), metrics)
-        assert isinstance(tier, RemoteTier)
-        made.append(tier)
-        return tier
-
-    yield make
-    for tier in made:
-        tier.clear()
-        tier.close()
+make_tier = remote_helpers.make_tier
 
 
 class TestMooncakeTier(StorageTierContract):
@@ -230,36 +193,12 @@ def test_hung_master_dead_store_and_restart(own_mooncake: MooncakeStore) -> None
         assert got.tier_tokens == {"mooncake": 64} and same_bits(got.kv, kv)
 
 
-_ENGINE_PROCESS = """
-import sys
-import numpy as np
-from kvtier import CacheEngine, KVLayout, load_config
-
-url, prefix, action = sys.argv[1:]
-config = load_config(env={{}}, overrides={{"remote_url": url, "remote_prefix": prefix, "chunk_size": {chunk},
-                                          "max_local_cpu_size": 0.01}})
-layout = KVLayout(2, 2, 16)
-tokens = list(range(1000, 1080))
-kv = np.random.default_rng(7).standard_normal(layout.chunk_shape(80)).astype(np.float16)
-with CacheEngine(config, layout, model_name="shared") as engine:
-    if action == "store":
-        print(engine.store(tokens, kv).stored_tokens, engine.flush(10))
-    else:
-        got = engine.retrieve(tokens)
-        print(got.hit_tokens, got.tier_tokens, np.array_equal(got.kv.view(np.uint16), kv.view(np.uint16)))
-"""
-
-
 def test_two_processes_share_kv_through_mooncake(mooncake_store) -> None:
     """Process A stores a prompt and exits; process B then retrieves it bit-exact (the pool is the provider's)."""
     prefix = f"test-{uuid.uuid4().hex[:12]}"
-    script = _ENGINE_PROCESS.format(chunk=CHUNK)
 
     def run(action: str) -> str:
-        args = [sys.executable, "-c", script, mooncake_store.url, prefix, action]
-        done = subprocess.run(args, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout.strip()
+        return engine_process(mooncake_store.url, prefix, action)
 
     assert run("store") == "80 True"
     assert run("retrieve") == "80 {'mooncake': 80} True"

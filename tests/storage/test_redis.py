@@ -5,7 +5,6 @@ and restarted server, damaged values); two processes sharing KV; admission after
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -16,16 +15,16 @@ import numpy as np
 import pytest
 import redis
 import redis_servers
+import remote_helpers
 from contract import StorageTierContract, read, store
 from processes import free_ports
 from redis_servers import RedisClusterServers, RedisSentinel, RedisServer
+from remote_helpers import CHUNK, LAYOUT, config, engine_config, engine_process, random_kv, same_bits
 
-from kvtier import CacheEngine, KVLayout, load_config
+from kvtier import CacheEngine
 from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_header
-from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
-from kvtier.metrics import CacheMetrics
-from kvtier.storage.redis import RedisURL, create_redis_tier, parse_url
+from kvtier.storage.redis import RedisURL, parse_url
 from kvtier.storage.registry import create_remote_tier
 from kvtier.storage.remote import RemoteTier
 
@@ -33,48 +32,12 @@ from kvtier.storage.remote import RemoteTier
 redis_server = redis_servers.redis_server
 redis_cluster = redis_servers.redis_cluster
 own_redis = redis_servers.own_redis
-
-LAYOUT = KVLayout(2, 2, 16)  # 256 bytes per token: a 16-token chunk is 4 KiB
-CHUNK = 16
-
-
-def config(url: str, **overrides: object) -> KVTierConfig:
-    """A configuration with its own key prefix, so tests sharing a server never see each other's chunks."""
-    values = {"remote_url": url, "remote_prefix": f"test-{uuid.uuid4().hex[:12]}", "remote_timeout_sec": 5.0}
-    return load_config(env={}, overrides={**values, **overrides})
-
-
-def engine_config(url: str, **overrides: object) -> KVTierConfig:
-    return config(url, chunk_size=CHUNK, max_local_cpu_size=0.01, **overrides)
-
-
-def random_kv(tokens: int, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(LAYOUT.chunk_shape(tokens)).astype(np.float16)
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    return np.array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+make_tier = remote_helpers.make_tier
 
 
 def names_under(server: RedisServer, prefix: str) -> list[bytes]:
     with server.client() as client:
         return sorted(client.scan_iter(match=f"{prefix}/*"))
-
-
-@pytest.fixture
-def make_tier(metrics: CacheMetrics) -> Iterator[Callable[..., RemoteTier]]:
-    """``make_tier(url, **config)``: a redis tier under a fresh prefix, cleared and closed after the test."""
-    made: list[RemoteTier] = []
-
-    def make(url: str, **overrides: object) -> RemoteTier:
-        tier = create_redis_tier(url, config(url, **overrides), metrics)
-        made.append(tier)
-        return tier
-
-    yield make
-    for tier in made:
-        tier.clear()
-        tier.close()
 
 
 # -- the storage contract ------------------------------------------------------------------------------------------
@@ -548,36 +511,13 @@ def test_value_copied_under_another_name_is_rejected(redis_server, make_tier, ma
 
 # -- engines -------------------------------------------------------------------------------------------------------
 
-_ENGINE_PROCESS = """
-import sys
-import numpy as np
-from kvtier import CacheEngine, KVLayout, load_config
-
-url, prefix, action = sys.argv[1:]
-config = load_config(env={{}}, overrides={{"remote_url": url, "remote_prefix": prefix, "chunk_size": {chunk},
-                                          "max_local_cpu_size": 0.01}})
-layout = KVLayout(2, 2, 16)
-tokens = list(range(1000, 1080))
-kv = np.random.default_rng(7).standard_normal(layout.chunk_shape(80)).astype(np.float16)
-with CacheEngine(config, layout, model_name="shared") as engine:
-    if action == "store":
-        print(engine.store(tokens, kv).stored_tokens, engine.flush(10))
-    else:
-        got = engine.retrieve(tokens)
-        print(got.hit_tokens, got.tier_tokens, np.array_equal(got.kv.view(np.uint16), kv.view(np.uint16)))
-"""
-
 
 def test_two_processes_share_kv_through_redis(redis_server) -> None:
     """Process A stores a prompt and exits; process B (own memory, no disk) then retrieves it bit-exact."""
     prefix = f"test-{uuid.uuid4().hex[:12]}"
-    script = _ENGINE_PROCESS.format(chunk=CHUNK)
 
     def run(action: str) -> str:
-        args = [sys.executable, "-c", script, redis_server.url, prefix, action]
-        done = subprocess.run(args, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip()
+        return engine_process(redis_server.url, prefix, action)
 
     try:
         assert run("store") == "80 True"

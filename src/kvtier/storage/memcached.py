@@ -352,13 +352,4 @@ def create_memcached_tier(url: str, config: KVTierConfig, metrics: CacheMetrics)
         breaker_failures=config.remote_circuit_failures,
         breaker_cooldown_sec=config.remote_circuit_cooldown_sec,
     )
-    return RemoteTier(
-        "memcached",
-        store,
-        metrics,
-        prefix=config.remote_prefix,
-        breaker=CircuitBreaker(config.remote_circuit_failures, config.remote_circuit_cooldown_sec),
-        ttl_sec=config.remote_ttl_sec,
-        delete_corrupt=config.remote_delete_corrupt,
-        admit_after_hits=config.remote_admit_after_hits,
-    )
+    return RemoteTier.from_config("memcached", store, config, metrics)

@@ -47,7 +47,7 @@ from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.receive import ReceiveBuffers
-from kvtier.storage.remote import CircuitBreaker, PutItem, RemoteStore, RemoteTier, Value, host_port
+from kvtier.storage.remote import PutItem, RemoteStore, RemoteTier, Value, host_port
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -307,13 +307,4 @@ def create_mooncake_tier(url: str, config: KVTierConfig, metrics: CacheMetrics) 
     store = MooncakeStore(
         parse_url(url), timeout=config.remote_timeout_sec or None, threads=config.remote_max_connections
     )
-    return RemoteTier(
-        "mooncake",
-        store,
-        metrics,
-        prefix=config.remote_prefix,
-        breaker=CircuitBreaker(config.remote_circuit_failures, config.remote_circuit_cooldown_sec),
-        ttl_sec=config.remote_ttl_sec,
-        delete_corrupt=config.remote_delete_corrupt,
-        admit_after_hits=config.remote_admit_after_hits,
-    )
+    return RemoteTier.from_config("mooncake", store, config, metrics)

@@ -34,7 +34,7 @@ from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.receive import ReceiveBuffers, SocketReader
-from kvtier.storage.remote import CircuitBreaker, PutItem, RemoteStore, RemoteTier, Value, host_port
+from kvtier.storage.remote import PutItem, RemoteStore, RemoteTier, Value, host_port
 from kvtier.tokens.keys import Namespace
 
 # scheme: (deployment, TLS). Cluster and Sentinel URLs turn TLS on with ``?ssl=true``.
@@ -375,13 +375,4 @@ def create_redis_tier(url: str, config: KVTierConfig, metrics: CacheMetrics) -> 
         timeout=config.remote_timeout_sec or None,  # 0: no timeout (redis-py would read it as non-blocking)
         max_connections=config.remote_max_connections,
     )
-    return RemoteTier(
-        "redis",
-        store,
-        metrics,
-        prefix=config.remote_prefix,
-        breaker=CircuitBreaker(config.remote_circuit_failures, config.remote_circuit_cooldown_sec),
-        ttl_sec=config.remote_ttl_sec,
-        delete_corrupt=config.remote_delete_corrupt,
-        admit_after_hits=config.remote_admit_after_hits,
-    )
+    return RemoteTier.from_config("redis", store, config, metrics)

@@ -23,6 +23,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_chunk, encode_chunk
+from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError, CorruptChunkError
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.metrics import CacheMetrics
@@ -162,6 +163,24 @@ class RemoteTier(StorageTier):
         self.write_batch_bytes = store.write_batch_bytes
         self.read_bandwidth: float | None = None  # bytes/s of batched reads (latency included), moving average
         self._incident_errors = 0
+
+    @classmethod
+    def from_config(
+        cls, name: str, store: RemoteStore, config: KVTierConfig, metrics: CacheMetrics, *, prefix: str | None = None,
+        ttl_sec: float | None = -1.0,
+    ) -> RemoteTier:  # fmt: skip
+        """The tier with the ``remote_*`` settings every backend shares (``prefix`` and ``ttl_sec``: a backend's
+        own, where it differs; a negative ``ttl_sec`` means ``remote_ttl_sec``)."""
+        return cls(
+            name,
+            store,
+            metrics,
+            prefix=config.remote_prefix if prefix is None else prefix,
+            breaker=CircuitBreaker(config.remote_circuit_failures, config.remote_circuit_cooldown_sec),
+            ttl_sec=config.remote_ttl_sec if ttl_sec is not None and ttl_sec < 0 else ttl_sec,
+            delete_corrupt=config.remote_delete_corrupt,
+            admit_after_hits=config.remote_admit_after_hits,
+        )
 
     def name_for(self, key: CacheKey) -> str:
         return self.prefix + key.to_str()

@@ -33,7 +33,7 @@ from botocore.exceptions import ClientError
 from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError, StorageError
 from kvtier.metrics import CacheMetrics
-from kvtier.storage.remote import CircuitBreaker, RemoteStore, RemoteTier, Value
+from kvtier.storage.remote import RemoteStore, RemoteTier, Value
 from kvtier.tokens.keys import Namespace
 
 log = logging.getLogger(__name__)
@@ -412,16 +412,7 @@ def create_s3_tier(url: str, config: KVTierConfig, metrics: CacheMetrics) -> Rem
         )
     store = S3Store(make_client(config), location.bucket, workers=config.remote_max_connections)
     prefix = "/".join(p for p in (location.prefix, config.remote_prefix.strip("/")) if p)
-    return RemoteTier(
-        "s3",
-        store,
-        metrics,
-        prefix=prefix,
-        breaker=CircuitBreaker(config.remote_circuit_failures, config.remote_circuit_cooldown_sec),
-        ttl_sec=None,
-        delete_corrupt=config.remote_delete_corrupt,
-        admit_after_hits=config.remote_admit_after_hits,
-    )
+    return RemoteTier.from_config("s3", store, config, metrics, prefix=prefix, ttl_sec=None)
 
 
 def make_client(config: KVTierConfig) -> Any:

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from kvtier.config import KVTierConfig
 from kvtier.metrics import CacheMetrics
-from kvtier.storage.remote import CircuitBreaker, RemoteStore, RemoteTier, Value
+from kvtier.storage.remote import RemoteStore, RemoteTier, Value
 from kvtier.tokens.keys import Namespace
 
 
@@ -61,6 +61,4 @@ class DirectoryStore(RemoteStore):
 
 
 def create_tier(url: str, config: KVTierConfig, metrics: CacheMetrics) -> RemoteTier:
-    store = DirectoryStore(Path(urlsplit(url).path))
-    breaker = CircuitBreaker(config.remote_circuit_failures, config.remote_circuit_cooldown_sec)
-    return RemoteTier("dirstore", store, metrics, prefix=config.remote_prefix, breaker=breaker)
+    return RemoteTier.from_config("dirstore", DirectoryStore(Path(urlsplit(url).path)), config, metrics)
