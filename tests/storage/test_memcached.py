@@ -5,7 +5,10 @@ server; one server of three down); damaged values; an engine through it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from urllib.parse import unquote
@@ -392,3 +395,35 @@ def test_an_engine_through_memcached_is_bit_exact(memcached_server) -> None:
         got = engine.retrieve(tokens)
         assert got.tier_tokens == {"memcached": 80} and same_bits(got.kv, kv)
         engine.clear()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"VALUE k 0 99999999999999\r\n", b"VALUE k 0 -5\r\n", b"VALUE k 0\r\n", b"SERVER_ERROR busy\r\n",
+     b"VALUE k 0 4\r\nabcdXY", b"\xff" * 70000],
+    ids=["huge-size", "negative-size", "short-header", "error", "no-crlf-after-value", "endless-line"],
+)  # fmt: skip
+def test_a_hostile_server_gives_misses_not_memory_or_exceptions(reply: bytes, metrics, make_keys, pool) -> None:
+    """A "server" answering a get with nonsense: a counted failure and a miss, and no memory taken for what it
+    announces."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    if conn.recv(65536).startswith(b"get "):
+                        conn.sendall(reply)
+                        time.sleep(0.2)
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"memcached://127.0.0.1:{listener.getsockname()[1]}"
+    tier = create_memcached_tier(url, config(url, remote_timeout_sec=0.5), metrics)
+    try:
+        assert tier.get_many(make_keys(1), pool.allocate) == [None]
+        assert metrics.errors.value(tier="memcached", kind="get_failed") == 1
+        assert pool.live_objects == 0
+    finally:
+        tier.close()
+        listener.close()

@@ -291,7 +291,7 @@ def _get_values(client: PooledClient, names: Sequence[str], buffers: ReceiveBuff
                 fields = line.split()
                 if len(fields) != 4 or fields[0] != b"VALUE" or not fields[3].isdigit():
                     raise MemcacheUnknownError(f"unexpected reply to get: {line[:80]!r}")
-                found[fields[1].decode()] = reader.value(int(fields[3]))
+                found[fields[1].decode(errors="replace")] = reader.value(int(fields[3]))
             return found
         except Exception:
             conn.close()

@@ -16,6 +16,9 @@ import numpy as np
 
 READ_SIZE = 1 << 16
 MAX_LINE = 1 << 16  # a reply line (a header before a value, a status): far shorter in every protocol used here
+# No store used here sends a larger value (memcached's -I is at most 1 GiB, Redis' proto-max-bulk-len 512 MiB by
+# default): a larger announced size is a broken or hostile server, refused before any memory is taken for it.
+MAX_VALUE = 1 << 31
 
 
 class ReceiveBuffers:
@@ -72,6 +75,8 @@ class SocketReader:
 
     def value(self, size: int) -> memoryview:
         """The next ``size`` bytes and the CRLF after them, received into a buffer of their own."""
+        if not 0 <= size <= MAX_VALUE:
+            raise ValueError(f"a value of {size} bytes announced")
         value = self._buffers.take(size + 2)
         have = min(len(self._buf) - self._pos, len(value))
         value[:have] = self._buf[self._pos : self._pos + have]
