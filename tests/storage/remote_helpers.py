@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
-from kvtier import KVLayout, load_config
+from kvtier import CacheEngine, KVLayout, load_config
 from kvtier.config import KVTierConfig
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.registry import create_remote_tier
@@ -85,3 +85,20 @@ def engine_process(url: str, prefix: str, action: str, timeout: float = 120) -> 
     done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.strip()
+
+
+def fault_engine(url: str, timeout: float = 0.5) -> CacheEngine:
+    """An engine for fault tests: memory only stages (every hit comes from the remote tier), short timeouts, a
+    breaker that opens after two failures and probes again after half a second."""
+    cfg = engine_config(url, local_cpu=False, remote_timeout_sec=timeout, remote_circuit_failures=2,
+                        remote_circuit_cooldown_sec=0.5)  # fmt: skip
+    return CacheEngine(cfg, LAYOUT, model_name="faults")
+
+
+def store_and_read_back(engine: CacheEngine, tier_name: str, tokens: int = 64) -> tuple[list[int], np.ndarray]:
+    """Store a prompt until written and read it back from ``tier_name``, bit-exact; the prompt and its KV."""
+    ids, kv = list(range(tokens)), random_kv(tokens)
+    assert engine.store(ids, kv).stored_tokens == tokens and engine.flush(10)
+    got = engine.retrieve(ids)
+    assert got.tier_tokens == {tier_name: tokens} and same_bits(got.kv, kv)
+    return ids, kv

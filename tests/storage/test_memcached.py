@@ -20,7 +20,7 @@ import remote_helpers
 from contract import StorageTierContract, read, store
 from memcached_servers import MemcachedServer
 from pymemcache.client.base import Client
-from remote_helpers import LAYOUT, config, engine_config, random_kv, same_bits
+from remote_helpers import LAYOUT, config, engine_config, fault_engine, random_kv, same_bits, store_and_read_back
 
 from kvtier import CacheEngine, load_config
 from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_header
@@ -285,19 +285,9 @@ def test_hung_dead_and_restarted_server(own_memcached: MemcachedServer) -> None:
     """A hung server (SIGSTOP) makes lookups, retrieves and stores misses within the timeout, then the breakers
     serve fast misses; a dead one fails fast; restarted on its port (empty: memcached keeps nothing) it takes
     stores and serves hits again after the cool-down, with the same engine."""
-    cfg = engine_config(
-        own_memcached.url,
-        local_cpu=False,  # memory only stages: every hit comes from memcached
-        remote_timeout_sec=0.5,
-        remote_circuit_failures=2,
-        remote_circuit_cooldown_sec=0.5,
-    )
-    tokens, kv = list(range(64)), random_kv(64)
-    with CacheEngine(cfg, LAYOUT, model_name="faults") as engine:
+    with fault_engine(own_memcached.url) as engine:
         errors = engine.metrics.errors
-        assert engine.store(tokens, kv).stored_tokens == 64 and engine.flush(10)
-        got = engine.retrieve(tokens)
-        assert got.tier_tokens == {"memcached": 64} and same_bits(got.kv, kv)
+        tokens, kv = store_and_read_back(engine, "memcached")
 
         own_memcached.pause()
         started = time.monotonic()

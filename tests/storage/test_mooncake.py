@@ -16,9 +16,15 @@ import pytest
 import remote_helpers
 from contract import StorageTierContract, read, store
 from mooncake_servers import MooncakeStore
-from remote_helpers import LAYOUT, config, engine_config, engine_process, random_kv, same_bits
+from remote_helpers import (
+    config,
+    engine_process,
+    fault_engine,
+    same_bits,
+    store_and_read_back,
+)
 
-from kvtier import CacheEngine, KVLayout
+from kvtier import KVLayout
 from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE
 from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
@@ -161,18 +167,9 @@ def test_damaged_value_is_a_counted_miss_and_deleted(mooncake_store, make_tier, 
 def test_hung_master_dead_store_and_restart(own_mooncake: MooncakeStore) -> None:
     """A hung master (SIGSTOP) makes lookups and retrieves misses within the timeout, then the breaker serves fast
     misses; killed, misses stay fast; restarted (empty) it takes stores and serves hits again."""
-    cfg = engine_config(
-        own_mooncake.url,
-        local_cpu=False,
-        remote_timeout_sec=1.0,
-        remote_circuit_failures=2,
-        remote_circuit_cooldown_sec=0.5,
-    )
-    tokens, kv = list(range(64)), random_kv(64)
-    with CacheEngine(cfg, LAYOUT, model_name="faults") as engine:
+    with fault_engine(own_mooncake.url, timeout=1.0) as engine:
         errors = engine.metrics.errors
-        assert engine.store(tokens, kv).stored_tokens == 64 and engine.flush(10)
-        assert engine.retrieve(tokens).tier_tokens == {"mooncake": 64}
+        tokens, kv = store_and_read_back(engine, "mooncake")
 
         own_mooncake.pause()
         started = time.monotonic()

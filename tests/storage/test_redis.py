@@ -19,7 +19,17 @@ import remote_helpers
 from contract import StorageTierContract, read, store
 from processes import free_ports
 from redis_servers import RedisClusterServers, RedisSentinel, RedisServer
-from remote_helpers import CHUNK, LAYOUT, config, engine_config, engine_process, random_kv, same_bits
+from remote_helpers import (
+    CHUNK,
+    LAYOUT,
+    config,
+    engine_config,
+    engine_process,
+    fault_engine,
+    random_kv,
+    same_bits,
+    store_and_read_back,
+)
 
 from kvtier import CacheEngine
 from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_header
@@ -409,19 +419,9 @@ def test_hung_dead_and_restarted_server(own_redis: RedisServer) -> None:
     """A hung server (SIGSTOP) makes lookups, retrieves and stores misses within the timeout, then the breaker
     serves fast misses; a dead one (SIGKILL) fails fast; restarted on its port (with its saved data) it serves
     hits again after the cool-down, with the same engine."""
-    cfg = engine_config(
-        own_redis.url,
-        local_cpu=False,  # memory only stages: every hit comes from Redis
-        remote_timeout_sec=0.5,
-        remote_circuit_failures=2,
-        remote_circuit_cooldown_sec=0.5,
-    )
-    tokens, kv = list(range(64)), random_kv(64)
-    with CacheEngine(cfg, LAYOUT, model_name="faults") as engine:
+    with fault_engine(own_redis.url) as engine:
         errors = engine.metrics.errors
-        assert engine.store(tokens, kv).stored_tokens == 64 and engine.flush(10)
-        got = engine.retrieve(tokens)
-        assert got.tier_tokens == {"redis": 64} and same_bits(got.kv, kv)
+        tokens, kv = store_and_read_back(engine, "redis")
         with own_redis.client() as client:
             client.save()  # the restart below loads it
 
