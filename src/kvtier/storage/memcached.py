@@ -40,7 +40,7 @@ from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.receive import ReceiveBuffers, SocketReader
-from kvtier.storage.remote import CircuitBreaker, PutItem, RemoteStore, RemoteTier, Value, host_port
+from kvtier.storage.remote import CircuitBreaker, PutItem, RemoteStore, RemoteTier, Value, host_port, value_size
 from kvtier.tokens.keys import Namespace
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,8 @@ class _Server:
 class MemcachedStore(RemoteStore):
     """Chunks on one or more memcached servers (see the module docstring)."""
 
+    write_batch_bytes = 8 << 20  # writes batched up to this many bytes (see put_many)
+
     def __init__(
         self,
         url: MemcachedURL,
@@ -224,8 +226,6 @@ class MemcachedStore(RemoteStore):
     def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None, namespace: Namespace | None = None) -> bool:
         return self.put_many([(name, parts, namespace)], ttl_sec)[0]
 
-    write_batch_bytes = 8 << 20
-
     def put_many(self, items: Sequence[PutItem], ttl_sec: float | None) -> list[bool]:
         """One pipeline of ``add`` per server (one round trip); a value above the server's item limit is not
         sent (counted, warned about once)."""
@@ -233,7 +233,7 @@ class MemcachedStore(RemoteStore):
         expire = _expiry(ttl_sec)
 
         def add(server: _Server, there: list[str]) -> list[bool]:
-            sizes = {name: sum(memoryview(p).nbytes for p in by_name[name]) for name in there}
+            sizes = {name: value_size(by_name[name]) for name in there}
             fitting = [name for name in there if sizes[name] <= server.item_limit()]
             if len(fitting) < len(there):
                 server.warn_too_large(max(sizes.values()))

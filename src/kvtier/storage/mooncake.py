@@ -47,7 +47,7 @@ from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.receive import ReceiveBuffers
-from kvtier.storage.remote import PutItem, RemoteStore, RemoteTier, Value, host_port
+from kvtier.storage.remote import PutItem, RemoteStore, RemoteTier, Value, host_port, value_size
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -145,10 +145,6 @@ def _own_address(master_host: str) -> str:
         return "127.0.0.1"
 
 
-def _size_of(parts: Sequence[Value]) -> int:
-    return sum(memoryview(p).nbytes for p in parts)
-
-
 def regex_prefix(prefix: str) -> str:
     """An ECMAScript regex (Mooncake's ``remove_by_regex``) matching names that start with ``prefix``."""
     return "^" + "".join("\\" + c if c in REGEX_SPECIAL else c for c in prefix)
@@ -156,6 +152,8 @@ def regex_prefix(prefix: str) -> str:
 
 class MooncakeStore(RemoteStore):
     """Chunks in a Mooncake Store (see the module docstring)."""
+
+    write_batch_bytes = 8 << 20  # writes batched up to this many bytes (see put_many)
 
     def __init__(self, options: MooncakeOptions, *, timeout: float | None, threads: int) -> None:
         self.options = options
@@ -246,30 +244,27 @@ class MooncakeStore(RemoteStore):
     def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None, namespace: Any = None) -> bool:
         return self.put_many([(name, parts, namespace)], ttl_sec)[0]
 
-    write_batch_bytes = 8 << 20
-
     def put_many(self, items: Sequence[PutItem], ttl_sec: float | None) -> list[bool]:
         """Only the absent names are sent (Mooncake keeps a name's first value and answers a second put with
         success). ``ttl_sec`` is not applied: the master's eviction and leases decide an object's life."""
         present = self.exists_many([name for name, _, _ in items])
 
-        absent = [item for item, held in zip(items, present, strict=True) if not held]
-        for _, parts, _ in absent:
-            self._largest_value = max(self._largest_value, _size_of(parts))
+        absent = [(name, parts, value_size(parts)) for (name, parts, _), held in zip(items, present, strict=True)
+                  if not held]  # fmt: skip
+        self._largest_value = max([self._largest_value, *(size for _, _, size in absent)])
 
         def send(client: MooncakeDistributedStore) -> dict[str, int]:
             # Large chunks: put_parts, which gathers header and payload into the transfer buffer without joining
             # them (1.1 GB/s for 32 MiB chunks, 0.8 of zero-copy put_from; put_batch of joined values: 0.3).
             # Small ones: one put_batch, joined (a put each is a round trip each: 0.2-0.35 of put_batch).
-            small = [(n, b"".join(parts)) for n, parts, _ in absent if _size_of(parts) < SMALL_VALUE_BYTES]
-            codes = {n: client.put_parts(n, *parts) for n, parts, _ in absent if _size_of(parts) >= SMALL_VALUE_BYTES}
+            small = [(n, b"".join(parts)) for n, parts, size in absent if size < SMALL_VALUE_BYTES]
+            codes = {n: client.put_parts(n, *parts) for n, parts, size in absent if size >= SMALL_VALUE_BYTES}
             if small:
                 rc = client.put_batch([n for n, _ in small], [v for _, v in small])
                 codes.update({n: rc for n, _ in small})
             return codes
 
-        nbytes = sum(_size_of(parts) for _, parts, _ in absent)
-        codes = self._bounded(send, nbytes) if absent else {}
+        codes = self._bounded(send, sum(size for _, _, size in absent)) if absent else {}
         failed = [rc for rc in codes.values() if rc != 0]
         if failed:  # e.g. the pool is full: a failed put leaves the name absent (a miss, never a torn value)
             log.debug("Mooncake put of %d of %d chunks failed (%d)", len(failed), len(codes), failed[0])

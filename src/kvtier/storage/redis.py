@@ -34,7 +34,7 @@ from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.receive import ReceiveBuffers, SocketReader
-from kvtier.storage.remote import PutItem, RemoteStore, RemoteTier, Value, host_port
+from kvtier.storage.remote import PutItem, RemoteStore, RemoteTier, Value, host_port, value_size
 from kvtier.tokens.keys import Namespace
 
 # scheme: (deployment, TLS). Cluster and Sentinel URLs turn TLS on with ``?ssl=true``.
@@ -159,6 +159,8 @@ def _redact(url: str) -> str:
 class RedisStore(RemoteStore):
     """Chunks in Redis or Valkey: standalone, Sentinel-managed or a cluster (see the module docstring)."""
 
+    write_batch_bytes = 8 << 20  # writes batched up to this many bytes (see put_many)
+
     def __init__(self, url: RedisURL, *, timeout: float | None, max_connections: int) -> None:
         self.url = url
         self.timeout = timeout
@@ -214,12 +216,10 @@ class RedisStore(RemoteStore):
     def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None, namespace: Namespace | None = None) -> bool:
         return self.put_many([(name, parts, namespace)], ttl_sec)[0]
 
-    write_batch_bytes = 8 << 20
-
     def put_many(self, items: Sequence[PutItem], ttl_sec: float | None) -> list[bool]:
         """One pipeline of ``SET NX`` per node (one round trip), after one pipelined EXISTS for the values of
         :data:`ASK_FIRST_BYTES` or more (not sent at all when already held)."""
-        sizes = [sum(memoryview(p).nbytes for p in parts) for _, parts, _ in items]
+        sizes = [value_size(parts) for _, parts, _ in items]
         large = [i for i, size in enumerate(sizes) if size >= ASK_FIRST_BYTES]
         held = {i for i, found in zip(large, self.exists_many([items[i][0] for i in large]), strict=True) if found}
         send = [i for i in range(len(items)) if i not in held]

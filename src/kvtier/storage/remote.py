@@ -75,6 +75,11 @@ class RemoteStore(ABC):
         """Release connections."""
 
 
+def value_size(parts: Sequence[Value]) -> int:
+    """Bytes of a value given as its parts."""
+    return sum(memoryview(p).nbytes for p in parts)
+
+
 def host_port(item: str, default_port: int, shown_url: str) -> tuple[str, int]:
     """One ``host[:port]`` of a remote_url's server list. Raises ConfigError naming ``shown_url``."""
     try:
@@ -160,27 +165,30 @@ class RemoteTier(StorageTier):
         self.ttl_sec = ttl_sec or None
         self.delete_corrupt = delete_corrupt
         self.admit_after_hits = admit_after_hits
-        self.write_batch_bytes = store.write_batch_bytes
         self.read_bandwidth: float | None = None  # bytes/s of batched reads (latency included), moving average
         self._incident_errors = 0
 
     @classmethod
     def from_config(
         cls, name: str, store: RemoteStore, config: KVTierConfig, metrics: CacheMetrics, *, prefix: str | None = None,
-        ttl_sec: float | None = -1.0,
+        applies_ttl: bool = True,
     ) -> RemoteTier:  # fmt: skip
-        """The tier with the ``remote_*`` settings every backend shares (``prefix`` and ``ttl_sec``: a backend's
-        own, where it differs; a negative ``ttl_sec`` means ``remote_ttl_sec``)."""
+        """The tier with the ``remote_*`` settings every backend shares. ``prefix``: the backend's own, where it
+        differs from ``remote_prefix``; ``applies_ttl``: False for a store that cannot expire values (S3)."""
         return cls(
             name,
             store,
             metrics,
             prefix=config.remote_prefix if prefix is None else prefix,
             breaker=CircuitBreaker(config.remote_circuit_failures, config.remote_circuit_cooldown_sec),
-            ttl_sec=config.remote_ttl_sec if ttl_sec is not None and ttl_sec < 0 else ttl_sec,
+            ttl_sec=config.remote_ttl_sec if applies_ttl else None,
             delete_corrupt=config.remote_delete_corrupt,
             admit_after_hits=config.remote_admit_after_hits,
         )
+
+    @property
+    def write_batch_bytes(self) -> int:  # type: ignore[override]
+        return self.store.write_batch_bytes
 
     def name_for(self, key: CacheKey) -> str:
         return self.prefix + key.to_str()

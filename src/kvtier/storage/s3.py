@@ -33,7 +33,7 @@ from botocore.exceptions import ClientError
 from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError, StorageError
 from kvtier.metrics import CacheMetrics
-from kvtier.storage.remote import RemoteStore, RemoteTier, Value
+from kvtier.storage.remote import RemoteStore, RemoteTier, Value, value_size
 from kvtier.tokens.keys import Namespace
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ class S3Store(RemoteStore):
     def put(self, name: str, parts: Sequence[Value], ttl_sec: float | None, namespace: Namespace | None = None) -> bool:
         """Store ``parts`` as one object unless ``name`` exists (False then). The bucket is created on the first
         write that finds it missing. ``ttl_sec`` is not applied: S3 expires objects by bucket lifecycle rules."""
-        size = sum(memoryview(p).nbytes for p in parts)
+        size = value_size(parts)
         write = self._put_single if size <= self.multipart_threshold else self._put_multipart
         try:
             return self._conditional(lambda condition: write(name, parts, size, condition))
@@ -412,7 +412,7 @@ def create_s3_tier(url: str, config: KVTierConfig, metrics: CacheMetrics) -> Rem
         )
     store = S3Store(make_client(config), location.bucket, workers=config.remote_max_connections)
     prefix = "/".join(p for p in (location.prefix, config.remote_prefix.strip("/")) if p)
-    return RemoteTier.from_config("s3", store, config, metrics, prefix=prefix, ttl_sec=None)
+    return RemoteTier.from_config("s3", store, config, metrics, prefix=prefix, applies_ttl=False)
 
 
 def make_client(config: KVTierConfig) -> Any:
