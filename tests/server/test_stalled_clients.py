@@ -18,6 +18,7 @@ import pytest
 from conftest import LAYOUT, InProcessServer
 from kvtier.client import KVTierClient
 from kvtier.protocol import Op, shared_memory_dir
+from storage.processes import stopped
 
 LEASE_SEC = 0.3
 
@@ -112,16 +113,11 @@ def start_stalled_writer(server: InProcessServer, seed: int) -> subprocess.Popen
     )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "reserved"
     deadline = time.monotonic() + 10
-    while not _stopped(proc.pid):
+    while not stopped(proc.pid):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     time.sleep(LEASE_SEC * 3)  # far past its lease
     return proc
-
-
-def _stopped(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
 def test_a_sigstopped_writer_resumes_into_memory_nobody_else_got(server) -> None:

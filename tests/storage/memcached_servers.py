@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from processes import DIE_WITH_PARENT, free_ports
+from processes import DIE_WITH_PARENT, free_ports, kill, pause, resume
 
 START_TIMEOUT_SEC = 20.0
 MEMCACHED = shutil.which("memcached")
@@ -79,9 +77,7 @@ class MemcachedServer:
 
     def stop(self) -> None:
         """SIGKILL (also a paused server), as in a crash."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(10)
+        kill(self._proc)
         self._proc = None
 
     @property
@@ -89,20 +85,11 @@ class MemcachedServer:
         return self._proc.pid if self._proc is not None else None
 
     def pause(self) -> None:
-        """SIGSTOP: the port still accepts connections but nothing answers, like a hung server. Returns once
-        every thread has stopped (the signal is asynchronous: a busy thread could still answer a request)."""
-        assert self._proc is not None
-        self._proc.send_signal(signal.SIGSTOP)
-        tasks = Path(f"/proc/{self._proc.pid}/task")
-        deadline = time.monotonic() + START_TIMEOUT_SEC
-        while not all(_stopped(task) for task in tasks.iterdir()):
-            if time.monotonic() > deadline:
-                raise RuntimeError("memcached did not stop")
-            time.sleep(0.005)
+        """SIGSTOP: the port still accepts connections but nothing answers, like a hung server."""
+        pause(self._proc)
 
     def resume(self) -> None:
-        assert self._proc is not None
-        self._proc.send_signal(signal.SIGCONT)
+        resume(self._proc)
 
     def command_reply(self, command: bytes, end: bytes = b"\r\n") -> bytes:
         """One raw command on a fresh connection; the reply up to ``end``."""
@@ -112,12 +99,6 @@ class MemcachedServer:
             while not reply.endswith(end):
                 reply += s.recv(1 << 20)
             return reply
-
-
-def _stopped(task: Path) -> bool:
-    with contextlib.suppress(OSError):
-        return (task / "stat").read_text().rpartition(")")[2].split()[0] in ("T", "t")
-    return True  # gone
 
 
 def require_memcached() -> None:

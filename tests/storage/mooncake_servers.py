@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import DIE_WITH_PARENT, free_ports
+from processes import DIE_WITH_PARENT, free_ports, kill, pause, resume
 
 START_TIMEOUT_SEC = 30.0
 
@@ -89,9 +88,7 @@ class MooncakeStore:
     def stop(self) -> None:
         """SIGKILL, as in a crash (the pool's contents are gone)."""
         for proc in (self._provider, self._master):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            kill(proc)
         self._master = self._provider = None
 
     @property
@@ -100,12 +97,10 @@ class MooncakeStore:
 
     def pause(self) -> None:
         """SIGSTOP the master: its port still accepts connections but nothing answers."""
-        assert self._master is not None
-        self._master.send_signal(signal.SIGSTOP)
+        pause(self._master)
 
     def resume(self) -> None:
-        assert self._master is not None
-        self._master.send_signal(signal.SIGCONT)
+        resume(self._master)
 
     def log_tail(self) -> str:
         return "".join(p.read_text(errors="replace")[-1500:] for p in sorted(self.root.glob("*.log")))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from processes import DIE_WITH_PARENT, free_ports
+from processes import DIE_WITH_PARENT, free_ports, kill, pause, resume
 
 START_TIMEOUT_SEC = 20.0
 REDIS_SERVER = shutil.which("redis-server")
@@ -72,9 +71,7 @@ class RedisServer:
 
     def stop(self) -> None:
         """SIGKILL (also a paused server): nothing is saved, as in a crash."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(10)
+        kill(self._proc)
         self._proc = None
 
     @property
@@ -83,12 +80,10 @@ class RedisServer:
 
     def pause(self) -> None:
         """SIGSTOP: the port still accepts connections but nothing answers, like a hung server."""
-        assert self._proc is not None
-        self._proc.send_signal(signal.SIGSTOP)
+        pause(self._proc)
 
     def resume(self) -> None:
-        assert self._proc is not None
-        self._proc.send_signal(signal.SIGCONT)
+        resume(self._proc)
 
     def client(self, timeout: float = 5.0) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=timeout, socket_connect_timeout=timeout, protocol=2)
