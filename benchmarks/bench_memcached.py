@@ -21,7 +21,6 @@ Starts its own memcached (``-I 64m``, 8 GiB, 2 threads) on a free port unless gi
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ import pymemcache
 from pymemcache.client.base import Client
 
 from kvtier.storage.memcached import create_memcached_tier
-from remote_cases import Backend, Case, accounted, bench_shape
+from remote_cases import Backend, Case, bench_shapes
 
 from common import emit, shape_parser
 
@@ -127,9 +126,7 @@ def main() -> None:
         raw = [partial(raw_client, url), partial(plain_socket, url)]
         limits = ("set", "set_many"), ("get", "get_many")
         backend = Backend("memcached", url, create_memcached_tier, "memcached", raw, *limits)
-        with accounted("memcached", [os.getpid(), server_pid]):
-            for shape in args.shapes:
-                bench_shape(backend, shape, args.tokens, args.chunk_size, args.reps)
+        bench_shapes(backend, args, [server_pid])
 
 
 if __name__ == "__main__":

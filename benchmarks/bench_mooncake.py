@@ -17,7 +17,6 @@ The cases take turns rep by rep (after one untimed warm-up rep); medians are rep
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ import numpy as np
 from mooncake.store import MooncakeDistributedStore
 
 from kvtier.storage.mooncake import create_mooncake_tier, regex_prefix
-from remote_cases import Backend, Case, accounted, bench_shape
+from remote_cases import Backend, Case, bench_shapes
 
 from common import emit, shape_parser
 
@@ -88,9 +87,7 @@ def main() -> None:
             backend = Backend(
                 "mooncake", store.url, create_mooncake_tier, "mooncake", [partial(raw_client, store)], *limits
             )
-            with accounted("mooncake", [os.getpid(), *store.pids]):
-                for shape in args.shapes:
-                    bench_shape(backend, shape, args.tokens, args.chunk_size, args.reps)
+            bench_shapes(backend, args, store.pids)
         finally:
             store.stop()
 

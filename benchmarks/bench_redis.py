@@ -21,7 +21,6 @@ before each write). Prints JSON lines. Starts its own redis-server on a free por
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import numpy as np
 import redis
 
 from kvtier.storage.redis import create_redis_tier
-from remote_cases import Backend, Case, accounted, bench_shape
+from remote_cases import Backend, Case, bench_shapes
 
 from common import emit, shape_parser
 
@@ -150,9 +149,7 @@ def main() -> None:
         raw = [partial(raw_client, url), partial(plain_socket, url)]
         limits = ("set", "set_pipelined"), ("get", "get_pipelined")
         backend = Backend("redis", url, create_redis_tier, "redis", raw, *limits)
-        with accounted("redis", [os.getpid(), server_pid]):
-            for shape in args.shapes:
-                bench_shape(backend, shape, args.tokens, args.chunk_size, args.reps)
+        bench_shapes(backend, args, [server_pid])
 
 
 if __name__ == "__main__":

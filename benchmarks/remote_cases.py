@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -201,3 +202,10 @@ def bench_shape(backend: Backend, shape: str, tokens: int, chunk: int, reps: int
     base = {"shape": shape, "tokens": tokens, "chunks": count, "chunk_bytes": chunk_bytes}
     base["psi_cpu_avg10_start"] = psi_start  # psi_cpu_avg10 (added by emit) is at the end of the shape's reps
     report(backend.bench, base, cases, times, nbytes, limit)
+
+
+def bench_shapes(backend: Backend, args: Any, pids: list[int | None]) -> None:
+    """:func:`bench_shape` for each of ``args.shapes`` (``common.shape_parser``'s arguments), accounted as a whole."""
+    with accounted(backend.bench, [os.getpid(), *pids]):
+        for shape in args.shapes:
+            bench_shape(backend, shape, args.tokens, args.chunk_size, args.reps)

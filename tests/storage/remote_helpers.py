@@ -102,3 +102,16 @@ def store_and_read_back(engine: CacheEngine, tier_name: str, tokens: int = 64) -
     got = engine.retrieve(ids)
     assert got.tier_tokens == {tier_name: tokens} and same_bits(got.kv, kv)
     return ids, kv
+
+
+def count_held(tier: RemoteTier, keys: list, allocate, content) -> int:  # type: ignore[type-arg, no-untyped-def]
+    """How many of ``keys`` the tier still holds, read one at a time (a small pool holds few large chunks), each
+    asserted bit-exact: a store that evicted or refused chunks must lose them to misses, never to wrong bytes."""
+    held = 0
+    for key in keys:
+        obj = tier.get(key, allocate)
+        if obj is not None:
+            held += 1
+            np.testing.assert_array_equal(obj.data, content(key.id, obj.nbytes))
+            obj.unref()
+    return held
