@@ -76,11 +76,17 @@ def test_bad_urls_are_config_errors(url: str) -> None:
         parse_url(url, {})
 
 
-def test_a_bad_config_file_is_a_config_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("[1, 2", "MOONCAKE_CONFIG_PATH"), ("[1, 2]", "MOONCAKE_CONFIG_PATH"), ('{"protocol": 5}', "protocol"),
+     ('{"metadata_server": ["x"]}', "metadata_server"), ('{"global_segment_size": -1}', "global_segment_size"),
+     ('{"local_buffer_size": "1e999"}', "local_buffer_size")],
+)  # fmt: skip
+def test_a_bad_config_file_is_a_config_error(tmp_path: Path, content: str, message: str) -> None:
     from kvtier.storage.mooncake import parse_url
 
-    (tmp_path / "bad.json").write_text("[1, 2")
-    with pytest.raises(ConfigError, match="MOONCAKE_CONFIG_PATH"):
+    (tmp_path / "bad.json").write_text(content)
+    with pytest.raises(ConfigError, match=message):
         parse_url("mooncakestore://a", {"MOONCAKE_CONFIG_PATH": str(tmp_path / "bad.json")})
 
 

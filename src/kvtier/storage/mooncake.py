@@ -105,6 +105,8 @@ def parse_url(url: str, environ: dict[str, str] | None = None) -> MooncakeOption
     for name, value in values.items():
         if name in SIZE_OPTIONS:
             value = _size(name, value, url)
+        elif name in TEXT_OPTIONS and not isinstance(value, str):
+            raise ConfigError(f"remote_url {url!r}: {name} must be text, not {value!r}"[:300])
         if name in known:
             options = replace(options, **{name: value})
     if options.protocol not in ("tcp", "rdma"):

@@ -132,3 +132,18 @@ def test_the_tensor_interface_round_trips(make_backend) -> None:
     target = torch.zeros_like(page)
     assert backend.get("t", target) is target and torch.equal(target.view(torch.int16), page.view(torch.int16))
     assert backend.get("u", torch.zeros_like(page)) is None
+
+
+def test_indices_that_are_not_whole_pages_transfer_nothing(make_backend, caplog) -> None:
+    """Host indices that do not match the keys (too few pages, or none): no page written or read, no exception
+    into SGLang's cache controller, a warning."""
+    host = PageFirstHostPool(pages=4)
+    backend = make_backend(host)
+    before = host.kv_buffer.clone()
+    assert backend.batch_set_v1(["a", "b"], pages(0)) == [False, False]
+    assert backend.batch_exists(["a"]) == 0
+    assert backend.batch_set_v1(["a"], pages(0)) == [True]
+    assert backend.batch_get_v1(["a", "b", "c"], pages(1, 2)) == [False, False, False]
+    assert backend.batch_get_v1(["a"], torch.tensor([], dtype=torch.int64)) == [False]
+    assert torch.equal(host.kv_buffer.view(torch.int16), before.view(torch.int16))
+    assert "not transferred" in caplog.text

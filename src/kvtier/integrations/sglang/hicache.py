@@ -79,12 +79,14 @@ class KVTierHiCacheStorage(HiCacheStorage):
         digests = (hashlib.blake2b(h.encode(), digest_size=32, person=PAGE_HASH_PERSON).digest() for h in page_hashes)
         return [self.namespace.key(d) for d in digests]
 
-    def _page_buffers(self, host_indices: torch.Tensor, pages: int) -> list[list[tuple[int, int]]]:
-        """(address, size) of each page's buffers in the host pool, in the pool's own order."""
+    def _page_buffers(self, host_indices: torch.Tensor, pages: int) -> list[list[tuple[int, int]]] | None:
+        """(address, size) of each page's buffers in the host pool, in the pool's own order; None (logged) when
+        the indices do not cover ``pages`` whole pages: then nothing is read or written."""
         ptrs, sizes = self.mem_pool_host.get_page_buffer_meta(host_indices)
         per_page = len(ptrs) // max(1, pages)
-        if per_page * pages != len(ptrs):
-            raise ValueError(f"{len(ptrs)} host buffers for {pages} pages")
+        if not pages or not per_page or per_page * pages != len(ptrs):
+            log.warning("HiCache handed %d host buffers for %d pages: not transferred", len(ptrs), pages)
+            return None
         return [list(zip(ptrs[i * per_page : (i + 1) * per_page], sizes[i * per_page : (i + 1) * per_page],
                          strict=True)) for i in range(pages)]  # fmt: skip
 
@@ -98,6 +100,8 @@ class KVTierHiCacheStorage(HiCacheStorage):
     ) -> list[bool]:
         assert self.layout is not None
         pages = self._page_buffers(host_indices, len(keys))
+        if pages is None:
+            return [False] * len(keys)
         cache_keys, objs = self._keys(keys), []
         for buffers in pages:
             obj = self.storage.allocate(self.layout, self.page_size)
@@ -118,6 +122,8 @@ class KVTierHiCacheStorage(HiCacheStorage):
         self, keys: list[str], host_indices: torch.Tensor, extra_info: HiCacheStorageExtraInfo | None = None
     ) -> list[bool]:
         pages = self._page_buffers(host_indices, len(keys))
+        if pages is None:
+            return [False] * len(keys)
         cache_keys = self._keys(keys)
         sources = self.storage.locate(cache_keys, ask_remote=False)
         read = self.storage.read(cache_keys[: len(sources)], sources)
