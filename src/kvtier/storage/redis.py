@@ -52,8 +52,6 @@ DEFAULT_SERVICE_NAME = "mymaster"
 # less than sending bytes that SET NX would discard.
 ASK_FIRST_BYTES = 1 << 20
 SCAN_BATCH = 1000
-# Idle receive buffers kept for reuse: those of one 4096-token prompt of an 8B model (16 chunks of 32 MiB).
-IDLE_BUFFER_BYTES = 512 << 20
 READ_SIZE = 1 << 16
 # No retries inside redis-py: a failure is a miss at once, and the circuit breaker decides when to try again.
 NO_RETRY = Retry(NoBackoff(), 0)
@@ -171,7 +169,7 @@ class RedisStore(RemoteStore):
         self._client: redis.Redis | RedisCluster | None = None
         self._sentinel: Sentinel | None = None
         self._lock = threading.Lock()
-        self._buffers = ReceiveBuffers(IDLE_BUFFER_BYTES)
+        self._buffers = ReceiveBuffers()
 
     @property
     def client(self) -> redis.Redis | RedisCluster:
