@@ -104,3 +104,24 @@ def thread_server(tmp_path: Path) -> Iterator[Callable[..., ThreadServer]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def make_kv_obj(pool: MemoryPool) -> MakeObj:
+    """``make_kv_obj(layout, num_tokens, seed=0)``: an object holding values shaped like real KV (Gaussian, with a
+    few channels of large magnitude, as keys have), for codecs whose result depends on the values (needs torch)."""
+    import torch
+
+    from kvtier.memory.layout import DTYPES_BY_NAME
+
+    def make(layout: KVLayout, num_tokens: int, seed: int = 0) -> MemoryObj:
+        generator = torch.Generator().manual_seed(seed)
+        shape = (layout.num_layers, layout.kv_size, num_tokens, layout.num_kv_heads, layout.head_dim)
+        values = torch.randn(shape, generator=generator)
+        values[..., :2] *= 8
+        obj = pool.allocate(layout, num_tokens)
+        assert obj is not None, "test pool is full"
+        obj.tensor().copy_(values.to(getattr(torch, DTYPES_BY_NAME[layout.dtype].torch_name)))
+        return obj
+
+    return make

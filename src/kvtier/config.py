@@ -52,7 +52,6 @@ LMCACHE_INERT_OPTIONS: dict[str, Any] = {
     "local_disk_path_sharding": ANY,  # one disk tier per engine: no sharding to choose
     "numa_mode": None,
     "pre_caching_hash_algorithm": ANY,  # kvtier always hashes with BLAKE2b, stable across processes
-    "remote_serde": "naive",
     "save_decode_cache": False,
     "use_layerwise": False,
 }
@@ -104,6 +103,8 @@ class KVTierConfig:
     """Disk tier budget in GiB; must be > 0 when ``local_disk`` is set."""
     disk_fsync: bool = False
     """fsync each chunk file before renaming it into place (slower; checksums already catch torn files)."""
+    local_disk_serde: str = "naive"
+    """Codec of the disk tier's payloads: naive (raw), lossless, int8, int4 (``docs/compression.md``)."""
     remote_url: str | None = None
     """URL of a remote tier (a scheme registered in ``kvtier.storage.registry``)."""
     remote_timeout_sec: float = 2.0
@@ -120,6 +121,12 @@ class KVTierConfig:
     """Prefix of every name kvtier writes in the remote store."""
     remote_delete_corrupt: bool = True
     """Delete a remote chunk that fails verification (it is a miss either way)."""
+    remote_serde: str = "naive"
+    """Codec of the remote tier's payloads (LMCache's key): naive (raw), lossless, int8, int4."""
+    codec_gate: bool = True
+    """Refuse a lossy codec for a model it has not passed the quality gate on (``kvtier codec-gate``)."""
+    codec_gate_file: str | None = None
+    """Quality gate records (default ``$XDG_CACHE_HOME/kvtier/codec_gates.json``)."""
     remote_max_connections: int = 16
     """Connections (Redis pool) or parallel requests (S3) per remote tier."""
     recompute_tokens_per_sec: float = 0.0

@@ -29,3 +29,8 @@ class CorruptChunkError(StorageError):
 
 class TruncatedChunkError(CorruptChunkError):
     """A stored chunk is shorter than its header says."""
+
+
+class CodecMismatchError(CorruptChunkError):
+    """A stored chunk is sound but encoded in a codec (or codec version) this reader does not take: a miss here,
+    and kept for the readers that do."""

@@ -24,6 +24,7 @@ from contract import Content, StorageTierContract, read, store
 
 import kvtier.storage.disk as disk_module
 from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE
+from kvtier.codecs.registry import codec_named
 from kvtier.memory.layout import KVLayout
 from kvtier.memory.pool import MemoryPool
 from kvtier.metrics import CacheMetrics
@@ -51,6 +52,17 @@ class TestDiskTierContract(StorageTierContract):
     @pytest.fixture(params=sorted(EVICTION_POLICIES))
     def tier(self, root: Path, request: pytest.FixtureRequest, metrics: CacheMetrics) -> Iterator[DiskTier]:
         t = DiskTier(root, 64 << 20, make_policy(request.param), metrics)
+        yield t
+        t.close()
+
+
+class TestLosslessDiskTierContract(StorageTierContract):
+    """The whole contract with every payload compressed (the contract's chunks are random bytes: exact or nothing)."""
+
+    @pytest.fixture
+    def tier(self, root: Path, metrics: CacheMetrics) -> Iterator[DiskTier]:
+        pytest.importorskip("blosc2")
+        t = DiskTier(root, 64 << 20, LRUPolicy(), metrics, codec=codec_named("lossless"))
         yield t
         t.close()
 
@@ -411,3 +423,33 @@ def test_sigkill_mid_write_never_leaves_wrong_bytes(root: Path, make_keys, pool,
         assert metrics.errors.total() == 0, "a chunk file under its final name was incomplete"
         assert pool.live_objects == 0
     assert len(seen) >= 10, "the writer barely wrote anything; the test proved little"
+
+
+# -- codecs ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["lossless", "int8", "int4"])
+def test_encoded_chunks_are_smaller_files_and_read_back(root: Path, make_kv_obj, make_keys, pool, name: str) -> None:
+    """Encoded on the way to disk (the file is what the index counts), decoded on the way back; a reader of
+    another lossy codec, or of exact KV, misses a lossy chunk (counted) and leaves the file for those who read it."""
+    pytest.importorskip("torch")
+    pytest.importorskip("blosc2")
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype="bfloat16")
+    metrics = CacheMetrics()
+    codec = codec_named(name)
+    tier = open_tier(root, metrics=metrics, codec=codec)
+    key = make_keys(1)[0]
+    obj = make_kv_obj(layout, 64)
+    assert tier.put(key, obj)
+    (path,) = chunk_files(root)
+    assert path.stat().st_size == tier.usage().used_bytes < CHUNK_HEADER_SIZE + 0.9 * obj.nbytes
+    got = tier.get(key, pool.allocate)
+    assert got is not None
+    error = (got.tensor().float() - obj.tensor().float()).norm() / obj.tensor().float().norm()
+    assert error == 0 if not codec.lossy else error < 0.2
+    got.unref()
+    exact = open_tier(root, metrics=metrics)
+    assert (exact.get(key, pool.allocate) is None) == codec.lossy
+    assert metrics.errors.value(tier="disk", kind="codec_mismatch") == int(codec.lossy)
+    assert path.exists()
+    obj.unref()

@@ -36,6 +36,7 @@ def config_from_args(args: argparse.Namespace, defaults: dict[str, object] | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvtier.cli import codec_gate as codec_gate_cli
     from kvtier.cli import demo as demo_cli
     from kvtier.cli import model as model_cli
     from kvtier.cli import selfcheck
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cli.add_arguments(demo)
     add_config_flags(demo)
     demo.set_defaults(run=lambda args: demo_cli.run(args, config_from_args(args, DEMO_DEFAULTS)))
+
+    gate = commands.add_parser("codec-gate", help="measure a lossy codec on a model; record whether it may serve it")
+    codec_gate_cli.add_arguments(gate)
+    add_config_flags(gate)
+    gate.set_defaults(run=lambda args: codec_gate_cli.run(args, config_from_args(args)))
     return parser
 
 

@@ -1,19 +1,23 @@
-"""The stored chunk format (version 1): a fixed 128-byte header followed by the raw KV payload.
+"""The stored chunk format (version 1): a fixed 128-byte header followed by the KV payload, raw or encoded.
 
 Every tier that stores bytes outside process memory (disk, Redis, S3, the server's wire) uses this format, so
 a chunk read back is checked the same way everywhere: magic, format version, header checksum, the full key
 (namespace digest + chunk hash: a file renamed or swapped under another key is rejected), the layout, the
-payload size (truncation) and a CRC-32 of the payload. See ``docs/chunk_format.md``.
+payload's codec and codec version (``kvtier.codecs.registry``), the payload size (truncation) and a CRC-32 of the
+payload as stored (so damage is caught before anything is decoded). See ``docs/chunk_format.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvtier.errors import CorruptChunkError, TruncatedChunkError
+from kvtier.codecs.base import CannotEncode, Codec
+from kvtier.codecs.registry import NAIVE, codec_with_id
+from kvtier.errors import CodecMismatchError, CorruptChunkError, TruncatedChunkError
 from kvtier.memory.layout import DTYPES_BY_CODE, DTYPES_BY_NAME, KVLayout
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.tokens.keys import KEY_ID_SIZE
@@ -28,9 +32,9 @@ FORMAT_VERSION = 1
 CHUNK_HEADER_SIZE = 128
 CODEC_RAW = 0
 
-# magic, version, header size, codec, dtype code, kv size, reserved, layers, kv heads, head dim, tokens,
+# magic, version, header size, codec, dtype code, kv size, codec version, layers, kv heads, head dim, tokens,
 # payload size, payload crc32, key id (namespace digest + chunk hash); then padding; header crc32 is last.
-_BODY = struct.Struct("<4sHHBBBxIIIIQI48s")
+_BODY = struct.Struct("<4sHHBBBBIIIIQI48s")
 _PAD = CHUNK_HEADER_SIZE - _BODY.size - 4
 
 
@@ -44,6 +48,7 @@ class ChunkHeader:
     payload_size: int
     payload_crc32: int
     codec: int = CODEC_RAW
+    codec_version: int = 0
 
     def encode(self) -> bytes:
         body = _BODY.pack(
@@ -53,6 +58,7 @@ class ChunkHeader:
             self.codec,
             DTYPES_BY_NAME[self.layout.dtype].code,
             self.layout.kv_size,
+            self.codec_version,
             self.layout.num_layers,
             self.layout.num_kv_heads,
             self.layout.head_dim,
@@ -68,11 +74,14 @@ def payload_crc32(payload: memoryview | bytes) -> int:
     return _crc32(payload)
 
 
-def make_header(key_id: bytes, layout: KVLayout, num_tokens: int, payload: memoryview | bytes) -> bytes:
-    """Encode the header for ``payload`` (the raw chunk bytes) stored under ``key_id``."""
+def make_header(
+    key_id: bytes, layout: KVLayout, num_tokens: int, payload: memoryview | bytes, codec: Codec = NAIVE
+) -> bytes:
+    """Encode the header for ``payload`` (the chunk's bytes as ``codec`` encoded them) stored under ``key_id``."""
     if len(key_id) != KEY_ID_SIZE:
         raise ValueError("key id has the wrong size")
-    return ChunkHeader(key_id, layout, num_tokens, len(payload), payload_crc32(payload)).encode()
+    crc = payload_crc32(payload)
+    return ChunkHeader(key_id, layout, num_tokens, len(payload), crc, codec.codec_id, codec.version).encode()
 
 
 def decode_header(raw: bytes | memoryview, expected_key_id: bytes | None = None) -> ChunkHeader:
@@ -91,6 +100,7 @@ def decode_header(raw: bytes | memoryview, expected_key_id: bytes | None = None)
         codec,
         dtype_code,
         kv_size,
+        codec_version,
         layers,
         heads,
         head_dim,
@@ -101,8 +111,9 @@ def decode_header(raw: bytes | memoryview, expected_key_id: bytes | None = None)
     ) = _BODY.unpack_from(raw)
     if version != FORMAT_VERSION or header_size != CHUNK_HEADER_SIZE:
         raise CorruptChunkError(f"unsupported chunk format version {version} (this build reads {FORMAT_VERSION})")
-    if codec != CODEC_RAW:
-        raise CorruptChunkError(f"unknown chunk codec {codec}")
+    payload_codec = codec_with_id(codec)
+    if payload_codec is None or payload_codec.version != codec_version:
+        raise CodecMismatchError(f"chunk encoded with codec {codec} version {codec_version}: not readable here")
     if expected_key_id is not None and key_id != expected_key_id:
         raise CorruptChunkError("chunk is stored under another key")
     dtype = DTYPES_BY_CODE.get(dtype_code)
@@ -112,9 +123,11 @@ def decode_header(raw: bytes | memoryview, expected_key_id: bytes | None = None)
         layout = KVLayout(layers, heads, head_dim, dtype.name, kv_size)
     except ValueError as exc:
         raise CorruptChunkError(f"bad layout in header: {exc}") from None
-    if layout.chunk_bytes(tokens) != payload_size:
+    if codec == CODEC_RAW and layout.chunk_bytes(tokens) != payload_size:
         raise CorruptChunkError("payload size does not match layout and token count")
-    return ChunkHeader(key_id, layout, tokens, payload_size, crc, codec)
+    if payload_size > payload_codec.max_encoded_size(layout, tokens):
+        raise CorruptChunkError(f"payload size too large for a {payload_codec.name} chunk of this layout")
+    return ChunkHeader(key_id, layout, tokens, payload_size, crc, codec, codec_version)
 
 
 def verify_payload(header: ChunkHeader, payload: memoryview | bytes) -> None:
@@ -125,23 +138,57 @@ def verify_payload(header: ChunkHeader, payload: memoryview | bytes) -> None:
         raise CorruptChunkError("payload checksum mismatch")
 
 
-def encode_chunk(key_id: bytes, obj: MemoryObj) -> tuple[bytes, memoryview]:
-    """A chunk in the stored format as two parts, header and payload (the object's memory, not copied)."""
-    payload = memoryview(obj.data)
-    return make_header(key_id, obj.layout, obj.num_tokens, payload), payload
+def encode_chunk(key_id: bytes, obj: MemoryObj, codec: Codec = NAIVE) -> tuple[bytes, memoryview | bytes]:
+    """A chunk in the stored format as two parts, header and payload: the object's memory itself (not copied) for
+    ``naive``, else ``codec``'s encoding of it (raw when the codec cannot encode this chunk)."""
+    payload: memoryview | bytes = memoryview(obj.data)
+    used = NAIVE
+    if codec is not NAIVE and codec.supports(obj.layout, obj.num_tokens):
+        with contextlib.suppress(CannotEncode):
+            payload, used = codec.encode(payload, obj.layout, obj.num_tokens), codec  # type: ignore[arg-type]
+    return make_header(key_id, obj.layout, obj.num_tokens, payload, used), payload
+
+
+def readable_codec(header: ChunkHeader, accept: Codec) -> Codec:
+    """The codec to decode ``header``'s payload with. A tier reads raw and lossless chunks always, lossy ones only
+    of its own codec and version: a reader configured for exact KV never gets approximate KV (CodecMismatchError)."""
+    codec = codec_with_id(header.codec)
+    assert codec is not None  # decode_header checked it
+    if codec.lossy and (codec.codec_id, codec.version) != (accept.codec_id, accept.version):
+        raise CodecMismatchError(f"chunk is {codec.name}-encoded (lossy); this reader takes {accept.name}")
+    return codec
+
+
+def decode_payload(header: ChunkHeader, payload: memoryview, obj: MemoryObj, accept: Codec) -> None:
+    """Decode a verified ``payload`` into ``obj``'s memory; CorruptChunkError if it does not decode."""
+    codec = readable_codec(header, accept)
+    try:
+        codec.decode(payload[: header.payload_size], header.layout, header.num_tokens, memoryview(obj.data))
+    except CorruptChunkError:
+        raise
+    except Exception as exc:  # a library's error on bytes that pass the CRC (a hostile writer): still a miss
+        raise CorruptChunkError(f"{codec.name} payload does not decode: {exc}") from None
 
 
 def decode_chunk(
-    value: bytes | bytearray | memoryview, key_id: bytes, allocate: Callable[[KVLayout, int], MemoryObj | None]
+    value: bytes | bytearray | memoryview,
+    key_id: bytes,
+    allocate: Callable[[KVLayout, int], MemoryObj | None],
+    accept: Codec = NAIVE,
 ) -> MemoryObj | None:
-    """The chunk ``value`` holds (stored format, under ``key_id``), verified, then copied into memory from
-    ``allocate``; None when memory is short. CorruptChunkError (TruncatedChunkError) if anything is off: nothing
-    is allocated for a chunk that fails its checks."""
+    """The chunk ``value`` holds (stored format, under ``key_id``), verified, then decoded into memory from
+    ``allocate``; None when memory is short. CorruptChunkError (TruncatedChunkError, CodecMismatchError) if
+    anything is off: nothing stays allocated for a chunk that fails."""
     view = memoryview(value)
     header = decode_header(view[:CHUNK_HEADER_SIZE], key_id)
     payload = view[CHUNK_HEADER_SIZE:]
     verify_payload(header, payload)
+    readable_codec(header, accept)  # before allocating
     obj = allocate(header.layout, header.num_tokens)
     if obj is not None:
-        obj.data[:] = payload[: header.payload_size]
+        try:
+            decode_payload(header, payload, obj, accept)
+        except CorruptChunkError:
+            obj.unref()
+            raise
     return obj

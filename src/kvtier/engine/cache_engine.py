@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtier.codecs.gate import check_codecs
 from kvtier.config import KVTierConfig
 from kvtier.engine.leases import Lease, LeaseTable, Pins
 from kvtier.engine.results import LookupResult, RetrieveResult, StoreResult, describe_tiers
@@ -81,6 +82,7 @@ class CacheEngine:
     ) -> None:
         """``storage``: tiers shared with other engines (a server holds many models in one budget); by
         default the engine builds its own from ``config`` and closes it with itself."""
+        check_codecs(config, model_name)  # a lossy codec only for a model it was measured on
         self.config = config
         self.layout = layout
         self.metrics = storage.metrics if storage is not None else metrics or CacheMetrics()

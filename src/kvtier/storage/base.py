@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
-from kvtier.errors import CorruptChunkError, TruncatedChunkError
+from kvtier.errors import CodecMismatchError, CorruptChunkError, TruncatedChunkError
 from kvtier.memory.layout import KVLayout
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.metrics import CacheMetrics
@@ -137,8 +137,13 @@ class PinTable:
 def discard_bad_chunk(
     tier: StorageTier, metrics: CacheMetrics, key: CacheKey, exc: CorruptChunkError, delete: bool
 ) -> None:
-    """What every tier does with a chunk that fails verification: log it, count it by kind (corrupt or
-    truncated) and, if ``delete``, delete it. The read is then a miss, never wrong KV."""
+    """What every tier does with a chunk that fails verification: log it, count it by kind (corrupt, truncated
+    or codec_mismatch) and, if ``delete``, delete it, unless it is sound and only in a codec this reader does not
+    take (others may). The read is then a miss, never wrong KV."""
+    if isinstance(exc, CodecMismatchError):
+        log.debug("%s tier: chunk %s: %s", tier.name, key.to_str(), exc)
+        metrics.errors.inc(tier=tier.name, kind="codec_mismatch")
+        return
     kind = "truncated" if isinstance(exc, TruncatedChunkError) else "corrupt"
     log.warning("%s tier: %s chunk %s: %s", tier.name, kind, key.to_str(), exc)
     metrics.errors.inc(tier=tier.name, kind=kind)

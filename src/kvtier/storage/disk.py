@@ -18,12 +18,23 @@ import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_header, encode_chunk, verify_payload
+from kvtier.codecs.base import Codec
+from kvtier.codecs.chunk_format import (
+    CHUNK_HEADER_SIZE,
+    CODEC_RAW,
+    decode_header,
+    decode_payload,
+    encode_chunk,
+    readable_codec,
+    verify_payload,
+)
+from kvtier.codecs.registry import NAIVE
 from kvtier.errors import CorruptChunkError
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.base import Allocate, PinTable, StorageTier, TierUsage, discard_bad_chunk
 from kvtier.storage.eviction import EvictionPolicy
+from kvtier.storage.receive import ReceiveBuffers
 from kvtier.tokens.keys import NAMESPACE_DIGEST_SIZE, CacheKey, key_id_from_str
 
 log = logging.getLogger(__name__)
@@ -46,12 +57,15 @@ class DiskTier(StorageTier):
         metrics: CacheMetrics | None = None,
         *,
         fsync: bool = False,
+        codec: Codec = NAIVE,
     ) -> None:
         self.root = Path(root)
         self.capacity_bytes = capacity_bytes
         self.policy = policy
         self.metrics = metrics or CacheMetrics()
         self.fsync = fsync
+        self.codec = codec  # payloads are encoded by the writer thread that calls put
+        self._buffers = ReceiveBuffers()  # encoded payloads read back
         self._sizes: dict[bytes, int] = {}
         self._used = 0
         self._reserved = 0
@@ -107,7 +121,10 @@ class DiskTier(StorageTier):
         return key.id in self._sizes
 
     def put(self, key: CacheKey, obj: MemoryObj) -> bool:
-        size = CHUNK_HEADER_SIZE + obj.nbytes
+        if key.id in self._sizes or key.id in self._writing:  # checked again below; here to skip the encoding
+            return False
+        header, payload = encode_chunk(key.id, obj, self.codec)
+        size = len(header) + memoryview(payload).nbytes
         with self._lock:
             if key.id in self._sizes or key.id in self._writing:
                 return False
@@ -119,7 +136,7 @@ class DiskTier(StorageTier):
         started = time.perf_counter()
         written = False
         try:
-            self._write_file(key, obj)
+            self._write_file(key, header, payload)
             written = True
         except OSError as exc:
             log.warning("disk tier: write of %s failed: %s", key.to_str(), exc)
@@ -137,12 +154,11 @@ class DiskTier(StorageTier):
         self.metrics.write_seconds.observe(time.perf_counter() - started, tier=self.name)
         return True
 
-    def _write_file(self, key: CacheKey, obj: MemoryObj) -> None:
+    def _write_file(self, key: CacheKey, header: bytes, payload: memoryview | bytes) -> None:
         final = self.path_for(key.id)
         self._note_namespace(key)
         final.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         tmp = final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}.{next(_counter)}")
-        header, payload = encode_chunk(key.id, obj)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
         try:
             _write_all(fd, header)
@@ -181,7 +197,7 @@ class DiskTier(StorageTier):
             with self._lock:
                 self._pins.unpin(key.id)
         if obj is not None:
-            self.metrics.read_bytes.inc(CHUNK_HEADER_SIZE + obj.nbytes, tier=self.name)
+            self.metrics.read_bytes.inc(self._sizes.get(key.id, CHUNK_HEADER_SIZE + obj.nbytes), tier=self.name)
             self.metrics.read_seconds.observe(time.perf_counter() - started, tier=self.name)
         return obj
 
@@ -190,10 +206,18 @@ class DiskTier(StorageTier):
         try:
             with open(self.path_for(key.id), "rb", buffering=0) as f:
                 header = decode_header(f.read(CHUNK_HEADER_SIZE), key.id)
+                encoded = None
+                if header.codec != CODEC_RAW:  # read and checked before any memory is taken for the KV
+                    readable_codec(header, self.codec)
+                    encoded = self._buffers.take(header.payload_size)
+                    verify_payload(header, encoded[: _read_into(f, encoded)])
                 obj = allocate(header.layout, header.num_tokens)
                 if obj is None:
                     self.metrics.errors.inc(tier=self.name, kind="no_memory")
                     return None
+                if encoded is not None:
+                    decode_payload(header, encoded, obj, self.codec)
+                    return obj
                 view = memoryview(obj.data)
                 got = _read_into(f, view)
                 verify_payload(header, view[:got])

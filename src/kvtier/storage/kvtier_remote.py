@@ -56,6 +56,8 @@ def create_kvtier_tier(url: str, config: KVTierConfig, metrics: CacheMetrics) ->
     parts = urlsplit(url)
     if not parts.hostname or not parts.port:
         raise ConfigError(f"remote_url {url!r}: expected kvtier://host:port")
+    if config.remote_serde != "naive":  # the server keeps KV raw in memory and decodes whatever it is sent
+        raise ConfigError("remote_serde: a kvtier:// server takes raw chunks; set the server's own codecs instead")
     connection = Connection(
         f"tcp://{parts.hostname}:{parts.port}",
         timeout=config.remote_timeout_sec,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from urllib.parse import urlsplit
 
+from kvtier.codecs.registry import codec_named
 from kvtier.config import GiB, KVTierConfig
 from kvtier.errors import ConfigError
 from kvtier.memory.pool import MemoryPool
@@ -111,6 +112,7 @@ def build_storage(config: KVTierConfig, metrics: CacheMetrics, *, shared_memory:
                 make_policy(config.cache_policy),
                 metrics,
                 fsync=config.disk_fsync,
+                codec=codec_named(config.local_disk_serde),
             )
         )
     if config.remote_url:

@@ -22,7 +22,9 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from kvtier.codecs.chunk_format import CHUNK_HEADER_SIZE, decode_chunk, encode_chunk
+from kvtier.codecs.base import Codec
+from kvtier.codecs.chunk_format import decode_chunk, encode_chunk
+from kvtier.codecs.registry import NAIVE, codec_named
 from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError, CorruptChunkError
 from kvtier.memory.memory_obj import MemoryObj
@@ -156,6 +158,7 @@ class RemoteTier(StorageTier):
         ttl_sec: float | None = None,
         delete_corrupt: bool = True,
         admit_after_hits: int = 0,
+        codec: Codec = NAIVE,
     ) -> None:
         self.name = name
         self.store = store
@@ -165,6 +168,7 @@ class RemoteTier(StorageTier):
         self.ttl_sec = ttl_sec or None
         self.delete_corrupt = delete_corrupt
         self.admit_after_hits = admit_after_hits
+        self.codec = codec  # how payloads are encoded on the way out (encoding runs on the background writer)
         self.read_bandwidth: float | None = None  # bytes/s of batched reads (latency included), moving average
         self._incident_errors = 0
 
@@ -184,6 +188,7 @@ class RemoteTier(StorageTier):
             ttl_sec=config.remote_ttl_sec if applies_ttl else None,
             delete_corrupt=config.remote_delete_corrupt,
             admit_after_hits=config.remote_admit_after_hits,
+            codec=codec_named(config.remote_serde),
         )
 
     @property
@@ -237,7 +242,7 @@ class RemoteTier(StorageTier):
         values = self._call("get", lambda: self.store.get_many(names), [None] * len(keys))
         objs = [None if v is None else self._decode(k, v, allocate) for k, v in zip(keys, values, strict=True)]
         elapsed = time.perf_counter() - started
-        nbytes = sum(CHUNK_HEADER_SIZE + o.nbytes for o in objs if o is not None)
+        nbytes = sum(memoryview(v).nbytes for v, o in zip(values, objs, strict=True) if o is not None)  # as stored
         if nbytes:
             self.metrics.read_bytes.inc(nbytes, tier=self.name)
             self.metrics.read_seconds.observe(elapsed, tier=self.name)
@@ -246,7 +251,7 @@ class RemoteTier(StorageTier):
 
     def _decode(self, key: CacheKey, value: Value, allocate: Allocate) -> MemoryObj | None:
         try:
-            obj = decode_chunk(value, key.id, allocate)
+            obj = decode_chunk(value, key.id, allocate, self.codec)
         except CorruptChunkError as exc:
             discard_bad_chunk(self, self.metrics, key, exc, self.delete_corrupt)
             return None
@@ -269,9 +274,11 @@ class RemoteTier(StorageTier):
     def put_many(self, keys: Sequence[CacheKey], objs: Sequence[MemoryObj]) -> int:
         """Write chunks in one call to the store (one round trip where it can); return how many were new."""
         started = time.perf_counter()
-        items = [(self.name_for(k), encode_chunk(k.id, o), k.namespace) for k, o in zip(keys, objs, strict=True)]
+        items = [
+            (self.name_for(k), encode_chunk(k.id, o, self.codec), k.namespace) for k, o in zip(keys, objs, strict=True)
+        ]
         stored = self._call("put", lambda: self.store.put_many(items, self.ttl_sec), [False] * len(items))
-        nbytes = sum(CHUNK_HEADER_SIZE + o.nbytes for o, new in zip(objs, stored, strict=True) if new)
+        nbytes = sum(value_size(parts) for (_, parts, _), new in zip(items, stored, strict=True) if new)
         if nbytes:
             self.metrics.write_bytes.inc(nbytes, tier=self.name)
             self.metrics.write_seconds.observe(time.perf_counter() - started, tier=self.name)
