@@ -1,14 +1,17 @@
-"""Payload codecs on real KV: compression ratio, encode / decode GB/s next to memcpy, and remote retrieves of
-compressed vs raw chunks from Redis and S3 (SeaweedFS) in the same run.
+"""Payload codecs on real KV: compression ratio, encode / decode GB/s next to memcpy, what the decoded KV does to
+the model's next-token distributions, and remote retrieves of compressed vs raw chunks from Redis and S3
+(SeaweedFS) in the same run.
 
 The KV is SmolLM2-135M-Instruct's own (30 layers x 3 KV heads x 64, bf16 as served), for a 2048-token prompt of
 the seeded QA set, in chunks of 256 tokens (8 chunks of 5.6 MiB). For each codec the chunks are encoded and
-decoded ``--reps`` times (medians; the memcpy of the same bytes is timed in the same reps), then stored through a
-Redis tier and an S3 tier with ``remote_serde`` set to the codec, and read back with one ``get_many`` per rep
-(decoding included). Every decoded chunk is compared with the original (lossless: bit for bit; lossy: its
-relative L2 error is reported)::
+decoded ``--reps`` times (medians; the memcpy of the same bytes is timed in the same reps); the decoded KV is
+compared with the original (relative L2 error; lossless: bit for bit) and the model reads the text's next 32
+tokens over it (``kv_quality``: mean KL and top-1 agreement against exact KV). Then the chunks are stored through
+a Redis tier and an S3 tier with ``remote_serde`` set to the codec and read back with one ``get_many`` per rep
+(decoding included). ``--save-kv FILE`` writes the KV and the continuation for LMCache's CacheGen on the same
+bytes (``lmcache_baseline/bench_lmcache_cachegen.py``)::
 
-    python benchmarks/bench_codecs.py --reps 7 > benchmarks/results/codecs.jsonl
+    python benchmarks/bench_codecs.py --reps 7 --save-kv /tmp/smollm2-kv.npz > benchmarks/results/codecs.jsonl
 """
 
 from __future__ import annotations
@@ -37,28 +40,43 @@ from kvtier.storage.registry import create_remote_tier
 from kvtier.tokens.keys import Namespace
 
 from common import emit, summary, timed
+from kv_quality import compare, continuation_logits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "storage"))
 from redis_servers import RedisServer  # the test suite's server helpers
 from s3_server import seaweed_s3
 
-CODECS = ("naive", "lossless", "int8", "int4")
+CODECS = ("naive", "lossless", "int8", "int4", "cachegen", "cachegen-hq")
 CHUNK = 256
+CONTINUATION = 32
 
 
-def real_kv(tokens: int) -> tuple[KVLayout, torch.Tensor]:
-    """SmolLM2's KV of a ``tokens``-token QA-set prompt, bf16, shaped ``(layers, 2, tokens, heads, head_dim)``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class RealKV:
+    """SmolLM2 (bf16), a QA-set text's first ``tokens`` tokens as the context (its KV, ``(layers, 2, tokens, heads,
+    head_dim)``) and the next :data:`CONTINUATION` as the continuation the model reads over it."""
 
-    path = prepare_model()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    text = "\n\n".join(p for c in make_qa_set(seed=0).contexts[:8] for p in c.passages)
-    ids = torch.tensor([tokenizer(text).input_ids[:tokens]])
-    with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
-    layers = [torch.stack([layer.keys[0], layer.values[0]]).transpose(1, 2) for layer in cache.layers]
-    return kv_layout_of(model), torch.stack(layers).contiguous()
+    def __init__(self, tokens: int) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = prepare_model()
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.bfloat16).eval()
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        text = "\n\n".join(p for c in make_qa_set(seed=0).contexts[:8] for p in c.passages)
+        ids = tokenizer(text).input_ids[: tokens + CONTINUATION]
+        self.continuation = ids[tokens:]
+        with torch.no_grad():
+            cache = self.model(torch.tensor([ids[:tokens]]), use_cache=True).past_key_values
+        layers = [torch.stack([layer.keys[0], layer.values[0]]).transpose(1, 2) for layer in cache.layers]
+        self.layout = kv_layout_of(self.model)
+        self.kv = torch.stack(layers).contiguous()
+        self.reference = continuation_logits(self.model, self.kv, self.continuation)
+
+    def quality(self, kv: torch.Tensor) -> dict[str, float]:
+        return compare(self.reference, continuation_logits(self.model, kv, self.continuation))
+
+    def save(self, path: str) -> None:
+        kv = self.kv.float().numpy()
+        np.savez(path, kv=kv, continuation=np.array(self.continuation), model_dir=str(self.model_dir))
 
 
 def chunk_objs(pool: MemoryPool, layout: KVLayout, kv: torch.Tensor) -> list[Any]:
@@ -76,8 +94,9 @@ def relative_error(objs: list[Any], got: list[Any]) -> float:
     return (num / den) ** 0.5
 
 
-def bench_kernels(objs: list[Any], layout: KVLayout, reps: int) -> dict[str, float]:
-    """Ratio and GB/s of each codec on the chunks, with memcpy of the same bytes in the same reps."""
+def bench_kernels(objs: list[Any], real: RealKV, reps: int) -> dict[str, float]:
+    """Ratio, GB/s and quality of each codec on the chunks, with memcpy of the same bytes in the same reps."""
+    layout = real.layout
     nbytes = sum(o.nbytes for o in objs)
     source = np.concatenate([o.data for o in objs])
     target = np.empty_like(source)
@@ -98,8 +117,12 @@ def bench_kernels(objs: list[Any], layout: KVLayout, reps: int) -> dict[str, flo
         dec = summary(timed(decode, reps), nbytes)
         exact = all(bytes(out) == bytes(o.data) for out, o in zip(outs, objs, strict=True))
         ratios[name] = nbytes / sum(len(memoryview(e).cast("B")) for e in encoded)
+        dtype = objs[0].tensor().dtype
+        decoded = torch.cat([torch.frombuffer(out, dtype=dtype).view(layout.chunk_shape(CHUNK)) for out in outs], dim=2)
+        error = float((decoded.float() - real.kv.float()).norm() / real.kv.float().norm())
         emit({"bench": "codecs", "op": "kernels", "codec": name, "ratio": ratios[name], "encode_gbps": enc["gbps"],
-              "decode_gbps": dec["gbps"], "decode_to_memcpy": dec["gbps"] / memcpy, "bit_exact": exact})  # fmt: skip
+              "decode_gbps": dec["gbps"], "decode_to_memcpy": dec["gbps"] / memcpy, "bit_exact": exact,
+              "relative_l2_error": error, **real.quality(decoded)})  # fmt: skip
     return ratios
 
 
@@ -147,12 +170,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--save-kv", metavar="FILE", help="also write the KV and continuation (.npz) for LMCache")
     args = parser.parse_args()
-    layout, kv = real_kv(args.tokens)
+    real = RealKV(args.tokens)
+    if args.save_kv:
+        real.save(args.save_kv)
     pool = MemoryPool(1 << 30)
-    objs = chunk_objs(pool, layout, kv)
-    emit({"bench": "codecs", "op": "meta", "layout": str(layout), "chunks": len(objs), "chunk_tokens": CHUNK})
-    bench_kernels(objs, layout, args.reps)
+    objs = chunk_objs(pool, real.layout, real.kv)
+    emit({"bench": "codecs", "op": "meta", "layout": str(real.layout), "chunks": len(objs), "chunk_tokens": CHUNK})
+    bench_kernels(objs, real, args.reps)
     with stores() as settings:
         for kind, store_settings in settings.items():
             bench_remote(kind, store_settings, objs, pool, args.reps)

@@ -104,7 +104,8 @@ class KVTierConfig:
     disk_fsync: bool = False
     """fsync each chunk file before renaming it into place (slower; checksums already catch torn files)."""
     local_disk_serde: str = "naive"
-    """Codec of the disk tier's payloads: naive (raw), lossless, int8, int4 (``docs/compression.md``)."""
+    """Codec of the disk tier's payloads: naive (raw), lossless, int8, int4, cachegen, cachegen-hq
+    (``docs/compression.md``; a lossy one only for a model that passed ``kvtier codec-gate``)."""
     remote_url: str | None = None
     """URL of a remote tier (a scheme registered in ``kvtier.storage.registry``)."""
     remote_timeout_sec: float = 2.0
@@ -122,7 +123,8 @@ class KVTierConfig:
     remote_delete_corrupt: bool = True
     """Delete a remote chunk that fails verification (it is a miss either way)."""
     remote_serde: str = "naive"
-    """Codec of the remote tier's payloads (LMCache's key): naive (raw), lossless, int8, int4."""
+    """Codec of the remote tier's payloads (LMCache's key and names): naive (raw), lossless, int8, int4, cachegen,
+    cachegen-hq."""
     codec_gate: bool = True
     """Refuse a lossy codec for a model it has not passed the quality gate on (``kvtier codec-gate``)."""
     codec_gate_file: str | None = None

@@ -30,9 +30,10 @@ pytest.importorskip("blosc2")
 KEY = hashlib.blake2b(b"codec-key", digest_size=KEY_ID_SIZE).digest()
 CODEC_VERSION_OFFSET, PAYLOAD_SIZE_OFFSET, PAYLOAD_CRC_OFFSET = 11, 28, 36
 LOSSY = sorted(name for name in CODECS if codec_named(name).lossy)
-# Relative L2 error bounds on KV-like values (measured on SmolLM2's own KV: int8 0.011, int4 0.127; the
+# Relative L2 error bounds on KV-like values (measured on SmolLM2's own KV: int8 0.011, int4 0.127, cachegen
+# 0.076, cachegen-hq 0.019; the
 # quality these cost through the model is the quality gate's subject, not this bound's).
-ERROR_BOUND = {"int8": 0.02, "int4": 0.2}
+ERROR_BOUND = {"int8": 0.02, "int4": 0.2, "cachegen": 0.12, "cachegen-hq": 0.04}
 
 
 @pytest.fixture

@@ -428,7 +428,7 @@ def test_sigkill_mid_write_never_leaves_wrong_bytes(root: Path, make_keys, pool,
 # -- codecs ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lossless", "int8", "int4"])
+@pytest.mark.parametrize("name", ["lossless", "int8", "int4", "cachegen"])
 def test_encoded_chunks_are_smaller_files_and_read_back(root: Path, make_kv_obj, make_keys, pool, name: str) -> None:
     """Encoded on the way to disk (the file is what the index counts), decoded on the way back; a reader of
     another lossy codec, or of exact KV, misses a lossy chunk (counted) and leaves the file for those who read it."""

@@ -30,6 +30,8 @@ CODECS: dict[str, CodecEntry] = {
     "lossless": CodecEntry("kvtier.codecs.lossless:LosslessCodec", 1, ("blosc2",), "compress"),
     "int8": CodecEntry("kvtier.codecs.quantize:Int8Codec", 2, ("torch",), "torch"),
     "int4": CodecEntry("kvtier.codecs.quantize:Int4Codec", 3, ("torch",), "torch"),
+    "cachegen": CodecEntry("kvtier.codecs.cachegen:CacheGenCodec", 4, ("torch", "blosc2"), "torch,compress"),
+    "cachegen-hq": CodecEntry("kvtier.codecs.cachegen:CacheGenHQCodec", 5, ("torch", "blosc2"), "torch,compress"),
 }
 _NAMES_BY_ID = {entry.codec_id: name for name, entry in CODECS.items()}
 
