@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import CHUNK, LAYOUT, ServerProcess, free_port, http_get
+from conftest import CHUNK, LAYOUT, InProcessServer, ServerProcess, free_port, http_get
 from kvtier.client import KVTierClient, ServerError, ServerUnavailable
 from kvtier.protocol import Message, Op, Status, encode, layout_to_meta
 from servers import http_json, raw_exchange
@@ -330,8 +330,6 @@ def test_a_flood_of_clients_gets_backpressure_not_failures(tmp_path) -> None:
     retry, and every store and retrieve still completes correctly."""
     import threading
 
-    from conftest import InProcessServer
-
     server = InProcessServer(tmp_path / "disk", server_workers=1, server_max_inflight=1)
     errors: list[BaseException] = []
 
@@ -432,3 +430,24 @@ def test_a_server_without_segments_is_never_sent_one() -> None:
     with client, pytest.raises(ServerError, match="segments"):
         client.lookup(list(range(16)), segment=True)
     old.close()
+
+
+def test_a_model_not_gated_for_the_servers_lossy_codec_gets_a_clear_error(tmp_path) -> None:
+    """The server's disk codec is lossy: a model with a passing gate record is served, one without gets an error
+    naming the gate (never approximate KV it was not measured for), and the server goes on serving."""
+    from kvtier.codecs.gate import GateRecord, save_record
+
+    gates = tmp_path / "gates.json"
+    save_record(gates, GateRecord("test-model", "int8", 1, "float16", 3, 16, 0.0, 0.0, 1.0, 1.0, 1.9))
+    server = InProcessServer(tmp_path / "disk", local_disk_serde="int8", codec_gate_file=str(gates))
+    tokens, kv = list(range(32)), kv_for(6, 32)
+    try:
+        with server.client() as client:
+            assert client.store(tokens, kv).stored_tokens == 32
+        with KVTierClient(f"127.0.0.1:{server.port}", model="other-model", layout=LAYOUT, chunk_size=CHUNK,
+                          timeout=5.0) as other, pytest.raises(ServerError, match="never measured"):  # fmt: skip
+            other.store(tokens, kv)
+        with server.client() as client:
+            assert client.retrieve(tokens).hit_tokens == 32
+    finally:
+        server.stop()

@@ -26,7 +26,7 @@ import numpy as np
 from kvtier import __version__
 from kvtier.config import KVTierConfig
 from kvtier.engine.cache_engine import CacheEngine
-from kvtier.errors import KVTierError
+from kvtier.errors import ConfigError, KVTierError
 from kvtier.memory.layout import KVLayout
 from kvtier.metrics import CacheMetrics, ServerMetrics
 from kvtier.protocol import Message, ProtocolError, Status, get_field, layout_from_meta
@@ -127,9 +127,12 @@ class CacheService:
             if engine is None:
                 if len(self._engines) >= MAX_ENGINES:
                     raise ProtocolError(f"server already serves {MAX_ENGINES} model/layout/rank combinations")
-                engine = CacheEngine(
-                    self.config, layout, model_name=model, world_size=world_size, rank=rank, storage=self.storage
-                )
+                try:
+                    engine = CacheEngine(
+                        self.config, layout, model_name=model, world_size=world_size, rank=rank, storage=self.storage
+                    )
+                except ConfigError as exc:  # e.g. a lossy codec this model has not passed the quality gate for
+                    raise ProtocolError(f"model {model!r}: {exc}") from None
                 self._engines[key] = engine
             return engine
 
