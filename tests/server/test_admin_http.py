@@ -75,7 +75,7 @@ HOSTILE_BODIES = {
 }
 
 
-@pytest.mark.parametrize("path", ["/clear", "/delete", "/pin", "/unpin"])
+@pytest.mark.parametrize("path", ["/clear", "/delete", "/lookup", "/pin", "/unpin"])
 @pytest.mark.parametrize("body", list(HOSTILE_BODIES.values()), ids=list(HOSTILE_BODIES))
 def test_hostile_bodies_get_a_400_with_a_reason(server, path: str, body: bytes) -> None:
     response = raw_http(server.http_port, post(path, body))
@@ -166,3 +166,18 @@ def test_an_unauthenticated_client_never_makes_the_server_read_a_body(tmp_path) 
         assert status_of(response) == 401 and time.monotonic() - started < 2.0
     finally:
         server.stop()
+
+
+def test_lookup_tells_a_router_how_much_of_a_prompt_is_cached_and_where(server) -> None:
+    """A stored 64-token prompt: its prefix and a longer prompt starting with it hit 64 tokens in memory; another
+    tenant's or another model's lookups miss; nothing is pinned by a lookup."""
+    prompt = {**NAMESPACE, "tokens": list(range(64))}
+    status, found = http_json(server.http_port, "POST", "/lookup", prompt)
+    assert status == 200
+    assert found == {"hit_tokens": 64, "total_tokens": 64, "tier_tokens": {"memory": 64}, "chunk_size": CHUNK}
+    longer = {**prompt, "tokens": [*range(64), *range(1000, 1040)]}
+    assert http_json(server.http_port, "POST", "/lookup", longer)[1]["hit_tokens"] == 64
+    for other in ({**prompt, "cache_salt": "tenant-b"}, {**prompt, "model": "other-model"}):
+        assert http_json(server.http_port, "POST", "/lookup", other)[1]["hit_tokens"] == 0
+    assert server.server.service.storage.memory.usage().pinned_chunks == 0
+    assert http_json(server.http_port, "POST", "/lookup", {**prompt, "tokens": [-1]})[0] == 400

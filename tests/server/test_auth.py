@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import InProcessServer, http_get
+from conftest import LAYOUT, InProcessServer, http_get
 from kvtier.client import ServerError
 from kvtier.config import load_config
 from kvtier.errors import ConfigError
-from kvtier.protocol import Status
+from kvtier.protocol import Status, layout_to_meta
+from servers import http_json
 
 
 @pytest.fixture
@@ -47,3 +48,11 @@ def test_an_empty_or_missing_token_file_is_a_config_error(tmp_path) -> None:
         config = load_config(env={}, overrides={"server_auth_token_file": str(path)})
         with pytest.raises(ConfigError, match="server_auth_token_file"):
             config.auth_token()
+
+
+def test_lookups_need_the_token_too(token_server) -> None:
+    """Whether a prompt is cached says what someone asked: the admin lookup is guarded like the data plane."""
+    server, _ = token_server
+    prompt = {"model": "m", "layout": layout_to_meta(LAYOUT), "tokens": [1, 2, 3]}
+    assert http_json(server.http_port, "POST", "/lookup", prompt)[0] == 401
+    assert http_json(server.http_port, "POST", "/lookup", prompt, token="s3cret")[0] == 200

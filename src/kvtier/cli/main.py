@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kvtier.cli import codec_gate as codec_gate_cli
     from kvtier.cli import demo as demo_cli
     from kvtier.cli import model as model_cli
-    from kvtier.cli import selfcheck
+    from kvtier.cli import ops, selfcheck
 
     parser = argparse.ArgumentParser(prog="kvtier", description="A tiered KV cache for LLM inference.")
     parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cli.add_arguments(demo)
     add_config_flags(demo)
     demo.set_defaults(run=lambda args: demo_cli.run(args, config_from_args(args, DEMO_DEFAULTS)))
+
+    for name, help_text in ops.HELP.items():
+        command = commands.add_parser(name, help=help_text)
+        ops.add_arguments(command, name)
+        add_config_flags(command)
+        command.set_defaults(run=lambda args: ops.run(args, config_from_args(args)))
 
     gate = commands.add_parser("codec-gate", help="measure a lossy codec on a model; record whether it may serve it")
     codec_gate_cli.add_arguments(gate)

@@ -1,4 +1,4 @@
-"""What the admin API does (``http.py`` serves it): clears, deletes, pins, tenants and their quotas."""
+"""What the admin API does (``http.py`` serves it): clears, deletes, lookups, pins, tenants and their quotas."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kvtier.engine.results import LookupResult
 from kvtier.protocol import ProtocolError, Status, get_field
 from kvtier.storage.base import StorageTier
 from kvtier.tokens.keys import CacheKey
@@ -38,6 +39,11 @@ class AdminActions:
     def delete_tokens(self, body: dict[str, Any]) -> int:
         s = self.service
         return s.engine_for(body).delete(self._tokens(body), cache_salt=s.salt(body))
+
+    def lookup_tokens(self, body: dict[str, Any]) -> LookupResult:
+        """How much of a prompt's prefix is cached, and in which tiers (nothing is pinned)."""
+        s = self.service
+        return s.engine_for(body).lookup(self._tokens(body), cache_salt=s.salt(body))
 
     def pin_tokens(self, body: dict[str, Any]) -> tuple[int, int]:
         """Pin the cached prefix of ``tokens`` until :meth:`unpin` (no expiry); return (pin id, tokens pinned)."""

@@ -91,6 +91,13 @@ class Deleted(BaseModel):
     deleted_chunks: int
 
 
+class LookedUp(BaseModel):
+    hit_tokens: int = Field(description="length of the longest cached prefix")
+    total_tokens: int
+    tier_tokens: dict[str, int] = Field(description="how many of the hit tokens each tier holds")
+    chunk_size: int
+
+
 class Pinned(BaseModel):
     pin_id: int
     pinned_tokens: int
@@ -178,6 +185,17 @@ def create_app(service: CacheService, ready: threading.Event) -> ASGIApp:
     @app.post("/delete", response_model=Deleted, dependencies=admin, summary="Delete a prompt's chunks")
     def delete(body: PromptBody) -> Any:
         return {"deleted_chunks": service.admin.delete_tokens(body.model_dump(exclude_none=True))}
+
+    @app.post(
+        "/lookup",
+        response_model=LookedUp,
+        dependencies=admin,  # which prompts are cached is the tenants' business: the token guards it
+        summary="How much of a prompt is cached and where (for KV-aware routers)",
+    )
+    def lookup(body: PromptBody) -> Any:
+        found = service.admin.lookup_tokens(body.model_dump(exclude_none=True))
+        return {"hit_tokens": found.hit_tokens, "total_tokens": found.total_tokens,
+                "tier_tokens": found.tier_tokens, "chunk_size": service.config.chunk_size}  # fmt: skip
 
     @app.post("/pin", response_model=Pinned, dependencies=admin, summary="Pin a prompt's cached prefix until /unpin")
     def pin(body: PromptBody) -> Any:
