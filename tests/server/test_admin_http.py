@@ -75,7 +75,7 @@ HOSTILE_BODIES = {
 }
 
 
-@pytest.mark.parametrize("path", ["/clear", "/delete", "/lookup", "/pin", "/unpin"])
+@pytest.mark.parametrize("path", ["/clear", "/delete", "/lookup", "/pin", "/prefetch", "/unpin"])
 @pytest.mark.parametrize("body", list(HOSTILE_BODIES.values()), ids=list(HOSTILE_BODIES))
 def test_hostile_bodies_get_a_400_with_a_reason(server, path: str, body: bytes) -> None:
     response = raw_http(server.http_port, post(path, body))
@@ -181,3 +181,19 @@ def test_lookup_tells_a_router_how_much_of_a_prompt_is_cached_and_where(server) 
         assert http_json(server.http_port, "POST", "/lookup", other)[1]["hit_tokens"] == 0
     assert server.server.service.storage.memory.usage().pinned_chunks == 0
     assert http_json(server.http_port, "POST", "/lookup", {**prompt, "tokens": [-1]})[0] == 400
+
+
+def test_prefetch_loads_prompts_from_disk_into_memory(server) -> None:
+    """The memory tier emptied, the prompt is on disk only; /prefetch (wait) brings it back into memory; without
+    wait it answers at once and the load finishes in the background."""
+    server.server.service.storage.memory.clear()
+    server.server.service.storage.flush(10)
+    lookup = {**NAMESPACE, "tokens": list(range(64))}
+    assert http_json(server.http_port, "POST", "/lookup", lookup)[1]["tier_tokens"] == {"disk": 64}
+    body = {**NAMESPACE, "prompts": [list(range(64)), [7, 8, 9]], "wait": True}
+    assert http_json(server.http_port, "POST", "/prefetch", body) == (200, {"prompts": 2, "loaded_tokens": [64, 0]})
+    assert http_json(server.http_port, "POST", "/lookup", lookup)[1]["tier_tokens"] == {"memory": 64}
+    queued = http_json(server.http_port, "POST", "/prefetch", {**body, "wait": False})
+    assert queued == (200, {"prompts": 2, "loaded_tokens": None})
+    for bad in ({**body, "prompts": []}, {**body, "prompts": [[-1]]}, {**body, "prompts": "x"}):
+        assert http_json(server.http_port, "POST", "/prefetch", bad)[0] == 400

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace, config: KVTierConfig) -> int:
     from kvtier.integrations.transformers import CachedCausalLM
 
     torch.manual_seed(0)
-    config = _with_server_chunk_size(config)
+    config = with_server_chunk_size(config, "demo")
     path = prepare_model()
     tokenizer = AutoTokenizer.from_pretrained(path)
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -62,8 +62,8 @@ def run(args: argparse.Namespace, config: KVTierConfig) -> int:
     return 0 if two.prefill.reused_tokens > 0 else 1
 
 
-def _with_server_chunk_size(config: KVTierConfig) -> KVTierConfig:
-    """Against a server, use its chunk size (every client of a server must): the demo's own default is 64."""
+def with_server_chunk_size(config: KVTierConfig, command: str) -> KVTierConfig:
+    """Against a server, use its chunk size (every client of a server must; the demo's own default is 64)."""
     if not config.server_url:
         return config
     from kvtier.client.client import Connection
@@ -74,7 +74,7 @@ def _with_server_chunk_size(config: KVTierConfig) -> KVTierConfig:
     try:
         chunk_size = int(connection.ping()["chunk_size"])
     except KVTierError as exc:
-        print(f"kvtier demo: the server at {config.server_url} does not answer ({exc}); every request will miss")
+        print(f"kvtier {command}: the server at {config.server_url} does not answer ({exc}); every request will miss")
         return config
     finally:
         connection.close()

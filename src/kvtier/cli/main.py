@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kvtier.cli import demo as demo_cli
     from kvtier.cli import model as model_cli
     from kvtier.cli import ops, selfcheck
+    from kvtier.cli import warm as warm_cli
 
     parser = argparse.ArgumentParser(prog="kvtier", description="A tiered KV cache for LLM inference.")
     parser.add_argument("--version", action="version", version=f"kvtier {__version__}")
@@ -77,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         ops.add_arguments(command, name)
         add_config_flags(command)
         command.set_defaults(run=lambda args: ops.run(args, config_from_args(args)))
+
+    warm = commands.add_parser("warm", help="compute and store the KV of a prompt list before traffic arrives")
+    warm_cli.add_arguments(warm)
+    add_config_flags(warm)
+    warm.set_defaults(run=lambda args: warm_cli.run(args, config_from_args(args)))
 
     gate = commands.add_parser("codec-gate", help="measure a lossy codec on a model; record whether it may serve it")
     codec_gate_cli.add_arguments(gate)

@@ -45,6 +45,14 @@ class AdminActions:
         s = self.service
         return s.engine_for(body).lookup(self._tokens(body), cache_salt=s.salt(body))
 
+    def prefetch_prompts(self, body: dict[str, Any], wait: bool) -> list[int] | None:
+        """Load each prompt's cached prefix from slower tiers into memory, in the background; with ``wait``, the
+        prefix lengths now in memory (or in a tier the next retrieve reads), once all are loaded."""
+        s = self.service
+        engine, salt = s.engine_for(body), s.salt(body)
+        futures = [engine.prefetch(self._tokens({"tokens": p}), cache_salt=salt) for p in body["prompts"]]
+        return [f.result() for f in futures] if wait else None
+
     def pin_tokens(self, body: dict[str, Any]) -> tuple[int, int]:
         """Pin the cached prefix of ``tokens`` until :meth:`unpin` (no expiry); return (pin id, tokens pinned)."""
         s = self.service

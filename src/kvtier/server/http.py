@@ -45,6 +45,7 @@ log = logging.getLogger("kvtier.server")
 MAX_BODY_BYTES = 64 << 20  # a /delete or /pin body lists at most server_max_tokens ids
 BODY_TIMEOUT_SEC = 10.0  # a body must arrive within this long once its headers have
 MAX_CONNECTIONS = 128  # beyond this many open connections uvicorn answers 503
+MAX_PREFETCH = 1024  # prompts in one /prefetch
 DTYPE_NAMES = tuple(DTYPES_BY_NAME)
 
 
@@ -75,6 +76,17 @@ class PromptBody(_Strict):
     cache_salt: str = Field("", max_length=MAX_SALT_LENGTH)
 
 
+class PrefetchBody(_Strict):
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
+    layout: LayoutBody
+    world_size: int = Field(1, ge=1, le=1 << 16)
+    rank: int = Field(0, ge=0, lt=1 << 16)
+    chunk_size: int | None = Field(None, ge=1, le=1 << 20)
+    prompts: list[list[Annotated[int, Field(ge=0, lt=1 << 32)]]] = Field(min_length=1, max_length=MAX_PREFETCH)
+    cache_salt: str = Field("", max_length=MAX_SALT_LENGTH)
+    wait: bool = Field(False, description="answer once every prompt is loaded, with the prefix lengths")
+
+
 class UnpinBody(_Strict):
     pin_id: int = Field(ge=0, lt=1 << 63)
 
@@ -96,6 +108,11 @@ class LookedUp(BaseModel):
     total_tokens: int
     tier_tokens: dict[str, int] = Field(description="how many of the hit tokens each tier holds")
     chunk_size: int
+
+
+class Prefetched(BaseModel):
+    prompts: int
+    loaded_tokens: list[int] | None = Field(description="with wait: each prompt's prefix now in memory")
 
 
 class Pinned(BaseModel):
@@ -196,6 +213,16 @@ def create_app(service: CacheService, ready: threading.Event) -> ASGIApp:
         found = service.admin.lookup_tokens(body.model_dump(exclude_none=True))
         return {"hit_tokens": found.hit_tokens, "total_tokens": found.total_tokens,
                 "tier_tokens": found.tier_tokens, "chunk_size": service.config.chunk_size}  # fmt: skip
+
+    @app.post(
+        "/prefetch",
+        response_model=Prefetched,
+        dependencies=admin,
+        summary="Load prompts' cached KV from slower tiers into memory (warm-up before traffic)",
+    )
+    def prefetch(body: PrefetchBody) -> Any:
+        meta = body.model_dump(exclude_none=True, exclude={"wait"})
+        return {"prompts": len(body.prompts), "loaded_tokens": service.admin.prefetch_prompts(meta, body.wait)}
 
     @app.post("/pin", response_model=Pinned, dependencies=admin, summary="Pin a prompt's cached prefix until /unpin")
     def pin(body: PromptBody) -> Any:
