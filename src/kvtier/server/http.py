@@ -66,24 +66,26 @@ class LayoutBody(_Strict):
     kv_size: int = Field(2, ge=1, le=2)
 
 
-class PromptBody(_Strict):
+class NamespaceBody(_Strict):
+    """Which engine: the model, its KV layout, the parallel rank, the chunk size the client uses, the tenant."""
+
     model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
     layout: LayoutBody
     world_size: int = Field(1, ge=1, le=1 << 16)
     rank: int = Field(0, ge=0, lt=1 << 16)
     chunk_size: int | None = Field(None, ge=1, le=1 << 20)
-    tokens: list[Annotated[int, Field(ge=0, lt=1 << 32)]] = Field(max_length=1 << 24)
     cache_salt: str = Field("", max_length=MAX_SALT_LENGTH)
 
 
-class PrefetchBody(_Strict):
-    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
-    layout: LayoutBody
-    world_size: int = Field(1, ge=1, le=1 << 16)
-    rank: int = Field(0, ge=0, lt=1 << 16)
-    chunk_size: int | None = Field(None, ge=1, le=1 << 20)
-    prompts: list[list[Annotated[int, Field(ge=0, lt=1 << 32)]]] = Field(min_length=1, max_length=MAX_PREFETCH)
-    cache_salt: str = Field("", max_length=MAX_SALT_LENGTH)
+TokenIds = list[Annotated[int, Field(ge=0, lt=1 << 32)]]
+
+
+class PromptBody(NamespaceBody):
+    tokens: TokenIds = Field(max_length=1 << 24)
+
+
+class PrefetchBody(NamespaceBody):
+    prompts: list[TokenIds] = Field(min_length=1, max_length=MAX_PREFETCH)
     wait: bool = Field(False, description="answer once every prompt is loaded, with the prefix lengths")
 
 
