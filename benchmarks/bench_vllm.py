@@ -76,7 +76,10 @@ def child(spec: dict[str, Any]) -> None:
 
 
 def run_child(spec: dict[str, Any], log: Path) -> list[dict[str, Any]]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    # vLLM's CPU backend reserves one more core for itself whenever a KV connector is configured; on 2 cores that
+    # leaves none and it computes on both, while without a connector it computes on one. Pinning the reservation
+    # makes every configuration compute on the same core(s), or the comparison measures the core count.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
     with open(log, "a") as out:
         proc = subprocess.run(
             [sys.executable, __file__, "--child", json.dumps(spec)],
