@@ -86,3 +86,17 @@ def test_errors_are_reported_not_raised(server, capsys) -> None:
         run(capsys, server, "lookup", "--model", "m", "--layout", "2,2", "--tokens", "1")
     assert main(["ping", "--url", "http://127.0.0.1:9"]) == 1
     assert "kvtier ping: http://127.0.0.1:9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("transport", [[], ["--tcp"]])
+def test_bench_against_a_running_server(server, capsys, transport: list[str]) -> None:
+    started, token_file = server
+    status = main(["bench", "--url", started.url, "--tokens", "256", "--layout", "2,2,64", "--reps", "2",
+                   "--server-auth-token-file", str(token_file), "--json", *transport])  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert status == 0 and result["path"] == ("TCP" if transport else "shared-memory")
+    assert result["store"]["gbps"] > 0 and result["retrieve"]["gbps"] > 0 and result["lookup"]["median_ms"] > 0
+    assert started.server.service.status()["tiers"]["memory"]["chunks"] == 2  # the bench's prompts are gone
+    status = main(["bench", "--url", started.url, "--tokens", "64", "--layout", "2,2,64", "--reps", "1",
+                   "--server-auth-token-file", str(token_file)])  # fmt: skip
+    assert status == 0 and "memcpy here" in capsys.readouterr().out

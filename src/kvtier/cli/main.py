@@ -36,6 +36,7 @@ def config_from_args(args: argparse.Namespace, defaults: dict[str, object] | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvtier.cli import bench as bench_cli
     from kvtier.cli import codec_gate as codec_gate_cli
     from kvtier.cli import demo as demo_cli
     from kvtier.cli import model as model_cli
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         ops.add_arguments(command, name)
         add_config_flags(command)
         command.set_defaults(run=lambda args: ops.run(args, config_from_args(args)))
+
+    bench = commands.add_parser("bench", help="store / retrieve / lookup against a running server, next to memcpy")
+    bench_cli.add_arguments(bench)
+    add_config_flags(bench)
+    bench.set_defaults(run=lambda args: bench_cli.run(args, config_from_args(args)))
 
     warm = commands.add_parser("warm", help="compute and store the KV of a prompt list before traffic arrives")
     warm_cli.add_arguments(warm)
