@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from typing import Any
@@ -41,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace, config: KVTierConfig) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request on the operator's terminal
     url = (args.url or f"http://{config.http_host}:{config.http_port}").rstrip("/")
     token = config.auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -86,7 +88,7 @@ def _status(client: httpx.Client, args: argparse.Namespace) -> int:
     metrics = reply["metrics"]
     asked, hit = metrics.get("kvtier_lookup_tokens_total", 0), metrics.get("kvtier_lookup_hit_tokens_total", 0)
     print(f"kvtier {reply['version']}, up {reply['uptime_sec']:.0f} s, chunk size {reply['chunk_size']}, "
-          f"{reply['clients']} clients")  # fmt: skip
+          f"{int(reply['clients'])} clients")  # fmt: skip
     for name, tier in reply["tiers"].items():
         capacity = tier["capacity_bytes"]
         share = f" ({tier['used_bytes'] / capacity:.0%})" if capacity else ""
