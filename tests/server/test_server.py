@@ -451,3 +451,20 @@ def test_a_model_not_gated_for_the_servers_lossy_codec_gets_a_clear_error(tmp_pa
             assert client.retrieve(tokens).hit_tokens == 32
     finally:
         server.stop()
+
+
+def test_tcp_replies_from_reused_buffers_stay_bit_exact(inproc_server) -> None:
+    """Retrieve replies go out of buffers the server reuses once ZMQ has sent them: two prompts of the same size,
+    read back in turn by two clients (one keeping its replies alive), always come back as stored."""
+    prompts = [(list(range(i * 1000, i * 1000 + 64)), kv_for(10 + i, 64)) for i in range(2)]
+    with inproc_server.client(shared_memory=False) as first, inproc_server.client(shared_memory=False) as second:
+        for tokens, kv in prompts:
+            first.store(tokens, kv)
+        kept = []
+        for rep in range(6):
+            for client, (tokens, kv) in zip((first, second), prompts[rep % 2 :] + prompts[: rep % 2], strict=True):
+                got = client.retrieve(tokens)
+                assert got.hit_tokens == 64 and same_bits(got.kv, kv)
+                if client is first:
+                    kept.append((got.kv, kv))  # views of received messages, held while later replies go out
+        assert all(same_bits(view, kv) for view, kv in kept)

@@ -324,12 +324,15 @@ class CacheEngine:
         mask: Any = None,
         cache_salt: str = "",
         segment: bool = False,
+        new_array: Callable[[tuple[int, ...]], np.ndarray] | None = None,
     ) -> RetrieveResult:
         """Copy the KV of the longest cached prefix of ``tokens`` into ``out`` (or a new numpy array).
 
         ``out`` is a ``(layers, kv, n, heads, head_dim)`` array/tensor or a
         :class:`~kvtier.engine.transfer.KVDestination`; only chunks that fit in its ``n`` tokens are loaded.
         ``skip_tokens`` (or ``mask``) is a leading part the caller already has, as in :meth:`store`.
+        ``new_array(shape)``: where the new array comes from when there is no ``out`` (the server hands out reused,
+        resident buffers: fresh memory faults in at 0.5-1 GB/s here); its contents need not be zero.
         """
         started = time.perf_counter()
         num_tokens, skip, wanted = self._chunks_after(
@@ -342,7 +345,9 @@ class CacheEngine:
         wanted = wanted[: len(sources)]
         if dest is None:  # a new array for the located prefix; trimmed below if a chunk fails to read
             end = wanted[-1][0].end if wanted else 0
-            dest = ArrayKV(np.zeros(self.layout.chunk_shape(end), self.layout.element.numpy_name), self.layout)
+            shape = self.layout.chunk_shape(end)
+            array = new_array(shape) if new_array else np.zeros(shape, self.layout.element.numpy_name)
+            dest = ArrayKV(array, self.layout)
 
         pending: list[Future[None]] = []
 
