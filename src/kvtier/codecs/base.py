@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
+FP16_MAX = 65504.0
 
 
 class CannotEncode(ValueError):
@@ -65,6 +66,22 @@ def tensor(buffer: memoryview, dtype: str) -> torch.Tensor:
 def as_float32(payload: memoryview, layout: KVLayout) -> torch.Tensor:
     """A float payload as float32 values, one row per (layer, k/v, token, head) vector of ``head_dim``."""
     return tensor(payload, layout.dtype).float().view(-1, layout.head_dim)
+
+
+def finite(values: torch.Tensor) -> torch.Tensor:
+    """``values``, or CannotEncode if any is not finite (no scale represents it: the chunk is stored raw)."""
+    if not values.isfinite().all():
+        raise CannotEncode("non-finite KV values")
+    return values
+
+
+def as_fp16(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (scales, minimums) in fp16, or CannotEncode if one is beyond fp16's range."""
+    import torch
+
+    if values.abs().max() > FP16_MAX:
+        raise CannotEncode("KV values beyond fp16's range")
+    return values.to(torch.float16)
 
 
 def store_float32(values: torch.Tensor, layout: KVLayout, out: memoryview) -> None:

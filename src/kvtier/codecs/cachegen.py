@@ -27,12 +27,9 @@ from __future__ import annotations
 import blosc2
 import numpy as np
 
-from kvtier.codecs.base import FLOAT_DTYPES, CannotEncode, Codec, as_float32, store_float32, take, tensor
-from kvtier.errors import CorruptChunkError
+from kvtier.codecs.base import FLOAT_DTYPES, Codec, as_float32, as_fp16, finite, store_float32, take, tensor
+from kvtier.codecs.lossless import compress, decompress_into
 from kvtier.memory.layout import KVLayout
-
-FP16_MAX = 65504.0
-THREADS = 2
 
 
 class CacheGenCodec(Codec):
@@ -57,37 +54,21 @@ class CacheGenCodec(Codec):
     def encode(self, payload: memoryview, layout: KVLayout, num_tokens: int) -> bytes:
         import torch
 
-        values = as_float32(payload, layout).view(layout.num_layers, 2, num_tokens, -1)  # (L, 2, T, C)
-        if not values.isfinite().all():
-            raise CannotEncode("non-finite KV values")
+        values = finite(as_float32(payload, layout)).view(layout.num_layers, 2, num_tokens, -1)  # (L, 2, T, C)
         bins = self.bins(layout)
         half = torch.from_numpy(bins.astype(np.float32) / 2)[:, :, None, None]
-        scales = values.abs().amax(dim=2, keepdim=True) / half
-        if scales.max() > FP16_MAX:
-            raise CannotEncode("KV values beyond fp16's range")
-        scales16 = scales.to(torch.float16)
+        scales16 = as_fp16(values.abs().amax(dim=2, keepdim=True) / half)
         divisor = scales16.float().clamp_min(torch.finfo(torch.float16).tiny)
         symbols = (values / divisor).round_().add_(half).clamp_(min=0).clamp_(max=half * 2).to(torch.uint8)
-        frame = blosc2.compress2(symbols.numpy(), codec=blosc2.Codec.ZSTD, clevel=1, typesize=1,
-                                 filters=[blosc2.Filter.NOFILTER], nthreads=THREADS)  # fmt: skip
+        frame = compress(symbols.numpy(), typesize=1, shuffle=False)
         return b"".join((bins.tobytes(), scales16.contiguous().view(torch.uint8).numpy().tobytes(), frame))
 
     def decode(self, encoded: memoryview, layout: KVLayout, num_tokens: int, out: memoryview) -> None:
         layers, channels = layout.num_layers, layout.num_kv_heads * layout.head_dim
         bins, offset = take(encoded, 0, layers * 2, "bins")
         scales, offset = take(encoded, offset, layers * 2 * channels * 2, "scales")
-        frame = encoded[offset:]
         symbols = np.empty(layers * 2 * channels * num_tokens, np.uint8)
-        try:
-            nbytes, cbytes, _ = blosc2.get_cbuffer_sizes(frame)
-        except ValueError as exc:
-            raise CorruptChunkError(f"not a Blosc2 frame: {exc}") from None
-        if nbytes != symbols.nbytes or cbytes != len(frame):
-            raise CorruptChunkError("Blosc2 frame sizes do not match the chunk")
-        try:
-            blosc2.decompress2(frame, dst=symbols, nthreads=THREADS)
-        except (ValueError, RuntimeError) as exc:
-            raise CorruptChunkError(f"Blosc2 frame does not decode: {exc}") from None
+        decompress_into(encoded[offset:], symbols, symbols.nbytes)
         half = tensor(bins, "uint8").float().div_(2).view(layers, 2, 1, 1)
         codes = tensor(memoryview(symbols), "uint8").view(layers, 2, num_tokens, channels).float()
         values = codes.sub_(half).mul_(tensor(scales, "float16").float().view(layers, 2, 1, channels))

@@ -159,9 +159,9 @@ def readable_codec(header: ChunkHeader, accept: Codec) -> Codec:
     return codec
 
 
-def decode_payload(header: ChunkHeader, payload: memoryview, obj: MemoryObj, accept: Codec) -> None:
-    """Decode a verified ``payload`` into ``obj``'s memory; CorruptChunkError if it does not decode."""
-    codec = readable_codec(header, accept)
+def decode_payload(header: ChunkHeader, payload: memoryview, obj: MemoryObj, codec: Codec) -> None:
+    """Decode a verified ``payload`` into ``obj``'s memory with ``codec`` (:func:`readable_codec`'s answer for the
+    header); CorruptChunkError if it does not decode."""
     try:
         codec.decode(payload[: header.payload_size], header.layout, header.num_tokens, memoryview(obj.data))
     except CorruptChunkError:
@@ -183,11 +183,11 @@ def decode_chunk(
     header = decode_header(view[:CHUNK_HEADER_SIZE], key_id)
     payload = view[CHUNK_HEADER_SIZE:]
     verify_payload(header, payload)
-    readable_codec(header, accept)  # before allocating
+    codec = readable_codec(header, accept)  # before allocating
     obj = allocate(header.layout, header.num_tokens)
     if obj is not None:
         try:
-            decode_payload(header, payload, obj, accept)
+            decode_payload(header, payload, obj, codec)
         except CorruptChunkError:
             obj.unref()
             raise

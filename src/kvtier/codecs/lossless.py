@@ -19,6 +19,30 @@ LEVEL = 1  # level 5 compressed no better on KV and encoded 3-8x slower
 THREADS = 2
 
 
+def compress(data: object, *, typesize: int, shuffle: bool) -> bytes:
+    """One Blosc2 frame of ``data``: Zstandard level :data:`LEVEL` on :data:`THREADS` threads, byte-shuffled or not."""
+    filters = [blosc2.Filter.SHUFFLE if shuffle else blosc2.Filter.NOFILTER]
+    return blosc2.compress2(  # type: ignore[no-any-return]
+        data, codec=blosc2.Codec.ZSTD, clevel=LEVEL, typesize=typesize, filters=filters, nthreads=THREADS
+    )
+
+
+def decompress_into(frame: memoryview, out: object, nbytes: int) -> None:
+    """Decode Blosc2 ``frame`` into ``out`` (``nbytes`` long); CorruptChunkError unless it is exactly that."""
+    # Blosc2 writes as many bytes as the frame says, whatever the destination's size: both sizes are checked
+    # before it runs.
+    try:
+        decoded, cbytes, _ = blosc2.get_cbuffer_sizes(frame)
+    except ValueError as exc:
+        raise CorruptChunkError(f"not a Blosc2 frame: {exc}") from None
+    if decoded != nbytes or cbytes != len(frame):
+        raise CorruptChunkError("Blosc2 frame sizes do not match the chunk")
+    try:
+        blosc2.decompress2(frame, dst=out, nthreads=THREADS)
+    except (ValueError, RuntimeError) as exc:
+        raise CorruptChunkError(f"Blosc2 frame does not decode: {exc}") from None
+
+
 class LosslessCodec(Codec):
     name = "lossless"
     codec_id = 1
@@ -29,25 +53,10 @@ class LosslessCodec(Codec):
         return layout.chunk_bytes(num_tokens) <= blosc2.MAX_BUFFERSIZE
 
     def encode(self, payload: memoryview, layout: KVLayout, num_tokens: int) -> bytes:
-        itemsize = DTYPES_BY_NAME[layout.dtype].itemsize
-        return blosc2.compress2(  # type: ignore[no-any-return]
-            payload, codec=blosc2.Codec.ZSTD, clevel=LEVEL, typesize=itemsize,
-            filters=[blosc2.Filter.SHUFFLE], nthreads=THREADS,
-        )  # fmt: skip
+        return compress(payload, typesize=DTYPES_BY_NAME[layout.dtype].itemsize, shuffle=True)
 
     def decode(self, encoded: memoryview, layout: KVLayout, num_tokens: int, out: memoryview) -> None:
-        # Blosc2 writes as many bytes as the frame says, whatever the destination's size: both sizes are checked
-        # before it runs.
-        try:
-            nbytes, cbytes, _ = blosc2.get_cbuffer_sizes(encoded)
-        except ValueError as exc:
-            raise CorruptChunkError(f"not a Blosc2 frame: {exc}") from None
-        if nbytes != len(out) or cbytes != len(encoded):
-            raise CorruptChunkError("Blosc2 frame sizes do not match the chunk")
-        try:
-            blosc2.decompress2(encoded, dst=out, nthreads=THREADS)
-        except (ValueError, RuntimeError) as exc:
-            raise CorruptChunkError(f"Blosc2 frame does not decode: {exc}") from None
+        decompress_into(encoded, out, len(out))
 
     def max_encoded_size(self, layout: KVLayout, num_tokens: int) -> int:
         return layout.chunk_bytes(num_tokens) + blosc2.MAX_OVERHEAD

@@ -14,28 +14,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvtier.codecs.base import FLOAT_DTYPES, CannotEncode, Codec, as_float32, expect_end, store_float32, take, tensor
+from kvtier.codecs.base import FLOAT_DTYPES, Codec, as_float32, as_fp16, expect_end, finite, store_float32, take, tensor
 from kvtier.memory.layout import KVLayout
 
 if TYPE_CHECKING:
     import torch
-
-FP16_MAX = 65504.0
-
-
-def _vectors(payload: memoryview, layout: KVLayout) -> torch.Tensor:
-    vectors = as_float32(payload, layout)
-    if not vectors.isfinite().all():
-        raise CannotEncode("non-finite KV values")
-    return vectors
-
-
-def _fp16(values: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    if values.abs().max() > FP16_MAX:
-        raise CannotEncode("KV values beyond fp16's range")
-    return values.to(torch.float16)
 
 
 def _bytes(values: torch.Tensor) -> memoryview:
@@ -60,8 +43,8 @@ class Int8Codec(Codec):
     def encode(self, payload: memoryview, layout: KVLayout, num_tokens: int) -> bytes:
         import torch
 
-        vectors = _vectors(payload, layout)
-        scales = _fp16(vectors.abs().amax(dim=1) / 127)
+        vectors = finite(as_float32(payload, layout))
+        scales = as_fp16(vectors.abs().amax(dim=1) / 127)
         divisor = scales.float().clamp_min(torch.finfo(torch.float16).tiny)
         codes = (vectors / divisor[:, None]).round_().clamp_(-127, 127).to(torch.int8)
         return b"".join((_bytes(scales), _bytes(codes)))
@@ -90,9 +73,9 @@ class Int4Codec(Codec):
     def encode(self, payload: memoryview, layout: KVLayout, num_tokens: int) -> bytes:
         import torch
 
-        vectors = _vectors(payload, layout)
-        low = _fp16(vectors.amin(dim=1))
-        step = _fp16((vectors.amax(dim=1) - low.float()) / 15)
+        vectors = finite(as_float32(payload, layout))
+        low = as_fp16(vectors.amin(dim=1))
+        step = as_fp16((vectors.amax(dim=1) - low.float()) / 15)
         divisor = step.float().clamp_min(torch.finfo(torch.float16).tiny)
         codes = ((vectors - low.float()[:, None]) / divisor[:, None]).round_().clamp_(0, 15).to(torch.uint8)
         packed = codes[:, 0::2] | (codes[:, 1::2] << 4)

@@ -17,11 +17,13 @@ import threading
 import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from kvtier.codecs.base import Codec
 from kvtier.codecs.chunk_format import (
     CHUNK_HEADER_SIZE,
     CODEC_RAW,
+    ChunkHeader,
     decode_header,
     decode_payload,
     encode_chunk,
@@ -206,17 +208,15 @@ class DiskTier(StorageTier):
         try:
             with open(self.path_for(key.id), "rb", buffering=0) as f:
                 header = decode_header(f.read(CHUNK_HEADER_SIZE), key.id)
-                encoded = None
-                if header.codec != CODEC_RAW:  # read and checked before any memory is taken for the KV
-                    readable_codec(header, self.codec)
-                    encoded = self._buffers.take(header.payload_size)
-                    verify_payload(header, encoded[: _read_into(f, encoded)])
+                # An encoded payload is read and checked before any memory is taken for the KV.
+                encoded = self._read_encoded(f, header) if header.codec != CODEC_RAW else None
                 obj = allocate(header.layout, header.num_tokens)
                 if obj is None:
                     self.metrics.errors.inc(tier=self.name, kind="no_memory")
                     return None
                 if encoded is not None:
-                    decode_payload(header, encoded, obj, self.codec)
+                    codec, payload = encoded
+                    decode_payload(header, payload, obj, codec)
                     return obj
                 view = memoryview(obj.data)
                 got = _read_into(f, view)
@@ -231,6 +231,13 @@ class DiskTier(StorageTier):
         if obj is not None:
             obj.unref()
         return None
+
+    def _read_encoded(self, f: BinaryIO, header: ChunkHeader) -> tuple[Codec, memoryview]:
+        """The codec to decode ``header``'s payload with and the payload, read from ``f`` and verified."""
+        codec = readable_codec(header, self.codec)
+        payload = self._buffers.take(header.payload_size)
+        verify_payload(header, payload[: _read_into(f, payload)])
+        return codec, payload
 
     def delete(self, key: CacheKey) -> bool:
         with self._lock:
