@@ -72,10 +72,14 @@ def policy_name(name: str) -> str:
     return key
 
 
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/kvtier`` (``~/.cache/kvtier``): kvtier's own files of this user (chunks, models, records)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvtier"
+
+
 def default_disk_path() -> str:
     """``$XDG_CACHE_HOME/kvtier/disk`` (``~/.cache/kvtier/disk``): where the embedded server keeps chunks."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return str(Path(base) / "kvtier" / "disk")
+    return str(user_cache_dir() / "disk")
 
 
 @dataclass(frozen=True)

@@ -187,6 +187,13 @@ def test_what_a_lossy_codec_cannot_represent_is_stored_raw(pool, name: str, dtyp
     obj.unref()
 
 
+def test_each_codec_carries_the_id_its_registry_entry_names() -> None:
+    """Headers are read by the registry's ids without importing every codec: the two must agree."""
+    for name, entry in CODECS.items():
+        codec = codec_named(name)
+        assert (codec.name, codec.codec_id) == (name, entry.codec_id)
+
+
 def test_unknown_codec_names_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="unknown codec 'cachegen2'"):
         codec_named("cachegen2")

@@ -3,7 +3,8 @@ codec their model has not passed."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import json
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,10 @@ def test_records_are_replaced_per_model_codec_and_version(tmp_path: Path) -> Non
     assert replace(record("int8"), top1_agreement=0.5).passed is False
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"model": 1}', '[{"model": "m"}]'])
+MISTYPED = json.dumps([{**asdict(record("int8")), "mean_kl": "0.0"}])
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"model": 1}', '[{"model": "m"}]', '["int8"]', MISTYPED])
 def test_a_bad_records_file_is_a_config_error(tmp_path: Path, content: str) -> None:
     (tmp_path / "gates.json").write_text(content)
     with pytest.raises(ConfigError, match="codec_gate_file"):
@@ -103,3 +107,13 @@ def test_the_codec_gate_command_records_its_measurement(tmp_path: Path, capsys) 
     assert (saved.model, saved.codec, saved.prompts, saved.new_tokens) == (MODEL, "int8", 1, 4)
     assert status == (0 if saved.passed else 1)
     assert '"passed"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags", [["--dtype", "int8"], ["--dtype", "float64x"], ["--prompts", "0"],
+                                   ["--new-tokens", "-3"]])  # fmt: skip
+def test_the_codec_gate_command_refuses_bad_flags_before_loading_anything(tmp_path: Path, flags: list[str]) -> None:
+    from kvtier.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["codec-gate", "--codec", "int8", "--codec-gate-file", str(tmp_path / "gates.json"), *flags])
+    assert not (tmp_path / "gates.json").exists()

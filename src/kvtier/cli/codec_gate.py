@@ -7,9 +7,9 @@ import argparse
 import json
 from dataclasses import asdict
 
+from kvtier.cli.model import load_model, positive
 from kvtier.codecs.gate import BOUND, gate_file, save_record
 from kvtier.config import KVTierConfig
-from kvtier.integrations.models import prepare_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,20 +17,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", help="the name engines use for it (default: the directory's model name)")
     parser.add_argument("--codec", required=True, help="the codec to measure (int8, int4, ...)")
     parser.add_argument("--dtype", default="bfloat16", help="the dtype to run the model (and hold its KV) in")
-    parser.add_argument("--prompts", type=int, default=6)
-    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--prompts", type=positive, default=6)
+    parser.add_argument("--new-tokens", type=positive, default=24)
 
 
 def run(args: argparse.Namespace, config: KVTierConfig) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from kvtier.quality.codec_gate import measure
 
-    path = args.model or prepare_model()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    name = args.model_name or getattr(model.config, "_name_or_path", "") or str(path)
+    model, tokenizer = load_model(args.model, args.dtype, "codec-gate")
+    name = args.model_name or model.config._name_or_path
     record = measure(model, tokenizer, args.codec, name, prompts=args.prompts, new_tokens=args.new_tokens)
     save_record(gate_file(config), record)
     print(json.dumps({**asdict(record), "passed": record.passed, "bound": asdict(BOUND)}, indent=1))

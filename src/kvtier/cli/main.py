@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
 
 import yaml
 
@@ -67,34 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
     model_cli.add_arguments(model)
     model.set_defaults(run=model_cli.run)
 
-    demo = commands.add_parser(
-        "demo", help="two requests sharing a prefix through a real model: Stored, Retrieved, TTFT"
-    )
-    demo_cli.add_arguments(demo)
-    add_config_flags(demo)
-    demo.set_defaults(run=lambda args: demo_cli.run(args, config_from_args(args, DEMO_DEFAULTS)))
-
+    configured = partial(_configured_command, commands)
+    configured("demo", "two requests sharing a prefix through a real model: Stored, Retrieved, TTFT",
+               demo_cli.add_arguments, demo_cli.run, DEMO_DEFAULTS)  # fmt: skip
     for name, help_text in ops.HELP.items():
-        command = commands.add_parser(name, help=help_text)
-        ops.add_arguments(command, name)
-        add_config_flags(command)
-        command.set_defaults(run=lambda args: ops.run(args, config_from_args(args)))
-
-    bench = commands.add_parser("bench", help="store / retrieve / lookup against a running server, next to memcpy")
-    bench_cli.add_arguments(bench)
-    add_config_flags(bench)
-    bench.set_defaults(run=lambda args: bench_cli.run(args, config_from_args(args)))
-
-    warm = commands.add_parser("warm", help="compute and store the KV of a prompt list before traffic arrives")
-    warm_cli.add_arguments(warm)
-    add_config_flags(warm)
-    warm.set_defaults(run=lambda args: warm_cli.run(args, config_from_args(args)))
-
-    gate = commands.add_parser("codec-gate", help="measure a lossy codec on a model; record whether it may serve it")
-    codec_gate_cli.add_arguments(gate)
-    add_config_flags(gate)
-    gate.set_defaults(run=lambda args: codec_gate_cli.run(args, config_from_args(args)))
+        configured(name, help_text, partial(ops.add_arguments, command=name), ops.run)
+    configured("bench", "store / retrieve / lookup against a running server, next to memcpy",
+               bench_cli.add_arguments, bench_cli.run)  # fmt: skip
+    configured("warm", "compute and store the KV of a prompt list before traffic arrives",
+               warm_cli.add_arguments, warm_cli.run)  # fmt: skip
+    configured("codec-gate", "measure a lossy codec on a model; record whether it may serve it",
+               codec_gate_cli.add_arguments, codec_gate_cli.run)  # fmt: skip
     return parser
+
+
+def _configured_command(
+    commands: Any,
+    name: str,
+    help_text: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace, KVTierConfig], int],
+    defaults: dict[str, object] | None = None,
+) -> None:
+    """A subcommand with its own arguments and every configuration flag; ``run`` gets the loaded configuration."""
+    parser = commands.add_parser(name, help=help_text)
+    add_arguments(parser)
+    add_config_flags(parser)
+    parser.set_defaults(run=lambda args: run(args, config_from_args(args, defaults)))
 
 
 def _run_server(args: argparse.Namespace) -> int:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
+from kvtier.codecs.base import FLOAT_DTYPES
+from kvtier.errors import LayoutError
 from kvtier.integrations.models import DEFAULT_MODEL, MODELS, is_prepared, model_path, prepare_model
+from kvtier.memory.layout import dtype_by_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,3 +26,28 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(model_path(args.name))
     return 0 if is_prepared(args.name) else 1
+
+
+def load_model(path: str | None, dtype: str, command: str) -> tuple[Any, Any]:
+    """A transformers causal LM (in ``dtype``, evaluation mode) and its tokenizer from ``path`` (default: the
+    local SmolLM2), for the commands that run a model; a dtype that is not a float KV dtype exits with why."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        name = dtype_by_name(dtype).name
+    except LayoutError as exc:
+        raise SystemExit(f"kvtier {command}: --dtype: {exc}") from None
+    if name not in FLOAT_DTYPES:
+        raise SystemExit(f"kvtier {command}: --dtype: a model runs in one of {', '.join(FLOAT_DTYPES)}")
+    path = path or str(prepare_model())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, name)).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.cli.demo import with_server_chunk_size
+from kvtier.cli.model import load_model
 from kvtier.config import KVTierConfig
 
 
@@ -40,16 +41,11 @@ def run(args: argparse.Namespace, config: KVTierConfig) -> int:
         print("kvtier warm: nothing would outlive this command: set --server-url, --local-disk or --remote-url",
               file=sys.stderr)  # fmt: skip
         return 2
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kvtier.integrations.models import prepare_model
     from kvtier.integrations.transformers import CachedCausalLM
 
-    path = args.model or str(prepare_model())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    prompts = [_token_ids(tokenizer, item, n) for n, item in enumerate(_read(args.prompts), 1)]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
+    items = _read(args.prompts)
+    model, tokenizer = load_model(args.model, args.dtype, "warm")
+    prompts = [_token_ids(tokenizer, item, n) for n, item in enumerate(items, 1)]
     config = with_server_chunk_size(config, "warm")
     with CachedCausalLM(model, config=config, tokenizer=tokenizer) as lm:
         warmed = warm(lm, prompts)

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from kvtier.codecs.registry import codec_named
-from kvtier.config import KVTierConfig
+from kvtier.config import KVTierConfig, user_cache_dir
 from kvtier.errors import ConfigError
 
 
@@ -59,19 +60,30 @@ class GateRecord:
 def gate_file(config: KVTierConfig) -> Path:
     if config.codec_gate_file:
         return Path(config.codec_gate_file)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kvtier" / "codec_gates.json"
+    return user_cache_dir() / "codec_gates.json"
 
 
 def load_records(path: Path) -> list[GateRecord]:
     """The records in ``path`` (none if it does not exist); ConfigError for a file that is not a record list."""
     try:
         data = json.loads(path.read_text())
-        return [GateRecord(**item) for item in data]
+        return [_record(item) for item in data]
     except FileNotFoundError:
         return []
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"codec_gate_file {path}: not a list of codec gate records ({exc})") from None
+
+
+def _record(item: Any) -> GateRecord:
+    """A record from its JSON object; TypeError for a missing, unknown or mistyped field (a number where a name
+    should be would otherwise fail later, when an engine compares it with the bound)."""
+    record = GateRecord(**item)
+    for field in fields(GateRecord):
+        value = getattr(record, field.name)
+        wanted = {"str": str, "int": int, "float": (int, float)}[str(field.type)]
+        if isinstance(value, bool) or not isinstance(value, wanted):
+            raise TypeError(f"{field.name} must be a {field.type}, not {value!r}"[:200])
+    return record
 
 
 def save_record(path: Path, record: GateRecord) -> None:

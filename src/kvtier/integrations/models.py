@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvtier.config import user_cache_dir
 from kvtier.errors import KVTierError
 
 log = logging.getLogger("kvtier")
@@ -43,8 +44,7 @@ def models_dir() -> Path:
     """``$KVTIER_MODELS_DIR``, else ``$XDG_CACHE_HOME/kvtier/models`` (``~/.cache/kvtier/models``)."""
     if os.environ.get("KVTIER_MODELS_DIR"):
         return Path(os.environ["KVTIER_MODELS_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kvtier" / "models"
+    return user_cache_dir() / "models"
 
 
 def model_path(name: str = DEFAULT_MODEL) -> Path:

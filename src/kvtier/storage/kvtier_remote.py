@@ -15,7 +15,7 @@ from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError
 from kvtier.metrics import CacheMetrics
 from kvtier.protocol import MAX_KEYS
-from kvtier.storage.remote import CircuitBreaker, RemoteStore, RemoteTier, Value
+from kvtier.storage.remote import RemoteStore, RemoteTier, Value
 from kvtier.tokens.keys import Namespace
 
 
@@ -64,14 +64,5 @@ def create_kvtier_tier(url: str, config: KVTierConfig, metrics: CacheMetrics) ->
         retries=0,
         auth_token=config.auth_token(),
     )
-    prefix = config.remote_prefix.rstrip("/") + "/"
-    breaker = CircuitBreaker(config.remote_circuit_failures, config.remote_circuit_cooldown_sec)
-    return RemoteTier(
-        "kvtier",
-        KVTierServerStore(connection, prefix),
-        metrics,
-        prefix=config.remote_prefix,
-        breaker=breaker,
-        delete_corrupt=config.remote_delete_corrupt,
-        admit_after_hits=config.remote_admit_after_hits,
-    )
+    store = KVTierServerStore(connection, config.remote_prefix.rstrip("/") + "/")
+    return RemoteTier.from_config("kvtier", store, config, metrics, applies_ttl=False)  # the server's budget decides
