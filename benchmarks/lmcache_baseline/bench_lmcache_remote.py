@@ -22,11 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,36 +32,26 @@ from typing import Any
 
 from bench_lmcache_engine import SHAPES, emit, make_engine, psi_avg10, report_throughput, run_reps, setup_env
 
+TEST_SERVERS = Path(__file__).resolve().parents[2] / "tests" / "storage"  # the test suite's server helpers
+
 
 @contextmanager
 def redis_server(root: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    import redis
+    """The redis-server of ``bench_redis.py`` (no persistence), on a free port."""
+    sys.path.insert(0, str(TEST_SERVERS))
+    from redis_servers import RedisServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen([*command, "--dir", root], stdout=subprocess.DEVNULL)
+    server = RedisServer(Path(root)).start()
     try:
-        client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
-        for _ in range(500):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        else:
-            raise RuntimeError("redis-server did not start")
-        yield f"redis://127.0.0.1:{port}", {}
+        yield server.url, {}
     finally:
-        proc.kill()
-        proc.wait(10)
+        server.stop()
 
 
 @contextmanager
 def mooncake_store(root: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """The store of ``bench_mooncake.py`` (8 GiB pool, 10 s lease); LMCache's client adds no memory to it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "storage"))
+    sys.path.insert(0, str(TEST_SERVERS))
     from mooncake_servers import MooncakeStore
 
     store = MooncakeStore(Path(root), pool_mb=8192, lease_ms=10_000, client_buffer_mb=512).start()
