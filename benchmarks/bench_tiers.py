@@ -167,16 +167,22 @@ def bench_disk(shape: str, layout: KVLayout, tokens: int, chunk: int, reps: int,
     )
 
 
-def bench_lookup(tokens: int, chunk: int, reps: int) -> None:
+def bench_lookup(tokens: int, chunk: int, reps: int, miss_history_entries: int | None) -> None:
+    """Lookups of a cached prompt, of one that misses every chunk (each miss gets a reason) and of the cached prompt
+    with a partial chunk after it. ``miss_history_entries``: the setting (None: the default, not passed at all,
+    so this runs against versions before the setting existed too)."""
     layout = KVLayout(*SHAPES["small"])
     budget = 2 * layout.chunk_bytes(tokens) / 2**30
-    config = load_config(env={}, overrides={"chunk_size": chunk, "max_local_cpu_size": budget})
+    overrides = {"chunk_size": chunk, "max_local_cpu_size": budget, "miss_history_entries": miss_history_entries}
+    config = load_config(env={}, overrides=overrides)
     toks = prompt(tokens, 0)
     with CacheEngine(config, layout, model_name="bench") as engine:
         engine.store(toks, random_kv(layout, tokens, 0))
         as_array = np.asarray(toks, dtype=np.int64)
         miss = [toks[0] + 1, *toks[1:]]
-        for name, query in (("full_hit_list", toks), ("full_hit_numpy", as_array), ("miss_list", miss)):
+        tail = [*toks, *toks[: chunk // 2]]
+        cases = (("full_hit_list", toks), ("full_hit_numpy", as_array), ("miss_list", miss), ("hit_partial_tail", tail))
+        for name, query in cases:
             times = timed(lambda q=query: engine.lookup(q), reps * 5, warmup=3)
             s = summary(times)
             emit(
@@ -185,6 +191,7 @@ def bench_lookup(tokens: int, chunk: int, reps: int) -> None:
                     "tokens": tokens,
                     "chunk_size": chunk,
                     "case": name,
+                    "miss_history_entries": miss_history_entries,
                     "median_ms": s["median_s"] * 1e3,
                     "min_ms": s["min_s"] * 1e3,
                 }
@@ -194,14 +201,16 @@ def bench_lookup(tokens: int, chunk: int, reps: int) -> None:
 def main() -> None:
     parser = shape_parser(__doc__)
     parser.add_argument("--lookup-tokens", type=int, default=32768)
+    parser.add_argument("--lookup-only", action="store_true", help="only the lookup benchmark")
+    parser.add_argument("--miss-history-entries", type=int, help="the setting for the lookups (default: its default)")
     parser.add_argument("--dir", default=None, help="scratch directory on the disk to measure (default: a temp dir)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="kvtier-bench-") as scratch:
-        for shape in args.shapes:
+        for shape in [] if args.lookup_only else args.shapes:
             layout = KVLayout(*SHAPES[shape])
             bench_memory(shape, layout, args.tokens, args.chunk_size, args.reps)
             bench_disk(shape, layout, args.tokens, args.chunk_size, args.reps, Path(scratch))
-    bench_lookup(args.lookup_tokens, args.chunk_size, args.reps)
+    bench_lookup(args.lookup_tokens, args.chunk_size, args.reps, args.miss_history_entries)
     os.sync()
 
 

@@ -199,3 +199,71 @@ def scripted_reply(
     """A well-formed reply to ``request`` (or, with ``request_id``, addressed to another request)."""
     rid = request.request_id if request_id is None else request_id
     return [bytes(f) for f in encode(Message(request.op, rid, meta or {}, [], status))]
+
+
+class HttpProcess:
+    """A process serving HTTP at ``url`` (``health`` answers 200 once it serves), its output in ``log``, in a
+    session of its own so that :meth:`stop` stops its children too (vLLM's engine core)."""
+
+    def __init__(self, command: list[str], log: Path, url: str, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self.url = url
+        with open(log, "w") as out:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def wait_healthy(self, timeout: float = 900, health: str = "/health") -> HttpProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"{self.url} exited ({self.proc.returncode}):\n{self.tail()}"
+            try:
+                with urllib.request.urlopen(self.url + health, timeout=2) as reply:
+                    if reply.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"{self.url} not healthy after {timeout} s:\n{self.tail()}")
+
+    def tail(self, chars: int = 5000) -> str:
+        return self.log.read_text()[-chars:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+class VllmServe(HttpProcess):
+    """``vllm serve`` of the local model (SmolLM2, fp32, eager) with kvtier's connector in ``role`` on the kvtier
+    server at ``server_port``, as examples/vllm_serve_check.sh starts it: one reserved core leaves vLLM one to
+    compute on (of 2 here), whatever the connector."""
+
+    def __init__(
+        self,
+        log: Path,
+        server_port: int,
+        *,
+        role: str = "kv_both",
+        chunk_size: int = 256,
+        extra_config: dict[str, Any] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
+        from kvtier.integrations.models import model_path
+
+        port = free_port()
+        connector = {"server_url": f"tcp://127.0.0.1:{server_port}", "chunk_size": chunk_size, **(extra_config or {})}
+        kv_config = {
+            "kv_connector": "KVTierConnector",
+            "kv_connector_module_path": "kvtier.integrations.vllm",
+            "kv_role": role,
+            "kv_connector_extra_config": connector,
+        }
+        command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_path()),
+                   "--port", str(port), "--enforce-eager", "--dtype", "float32", "--no-enable-prefix-caching",
+                   "--kv-transfer-config", json.dumps(kv_config), *args]  # fmt: skip
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
+        super().__init__(command, log, f"http://127.0.0.1:{port}", env)

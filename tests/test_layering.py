@@ -17,6 +17,7 @@ LAYERS = [
     "config",
     "metrics",
     "tokens",
+    "diagnosis",
     "memory",
     "codecs",
     "protocol",

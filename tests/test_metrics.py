@@ -1,13 +1,17 @@
-"""Metric primitives: valid Prometheus text, label escaping, cumulative histogram buckets."""
+"""Metric primitives: valid Prometheus text (prometheus_client's exposition), label escaping, cumulative histogram
+buckets, one registry per CacheMetrics, no lost updates under threads."""
 
 from __future__ import annotations
 
 import math
+import re
+import threading
 
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvtier.metrics import CacheMetrics, Counter, Gauge, Histogram, Registry
+from kvtier.metrics import CacheMetrics, Counter, Gauge, Histogram, IntegrationMetrics, Registry, ServerMetrics
 
 
 def parse(text: str) -> dict[str, object]:
@@ -40,12 +44,15 @@ def test_counter_renders_and_parses():
 def test_counter_rejects_decrease_and_bad_labels():
     """Counters only go up and take exactly their declared labels."""
     c = Counter("demo_total", "x", ("tier",))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="demo_total only goes up"):
         c.inc(-1, tier="memory")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"demo_total takes labels \('tier',\), got \(\)"):
         c.inc(1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="demo_total takes labels"):
         c.inc(1, tier="memory", kind="x")
+    with pytest.raises(ValueError, match="demo_seconds takes labels"):
+        Histogram("demo_seconds", "x", ("tier",)).observe(0.1, kind="x")
+    assert c.total() == 0
 
 
 def test_gauge_reads_sources_at_render():
@@ -149,16 +156,15 @@ def test_registry_rejects_duplicates_and_snapshots():
 
 
 def test_large_and_fractional_values_render():
-    """Integers render without exponent loss; fractions keep full precision."""
+    """Large byte counts and fractions parse back exactly (prometheus_client writes large values with an exponent,
+    as Go does, with every digit)."""
     r = Registry()
     c = r.register(Counter("demo_bytes_total", "Bytes."))
     c.inc(2**40)
     c.inc(0.125)
-    text = r.render()
-    assert "demo_bytes_total 1099511627776.125\n" in text
-    assert samples(parse(text)["demo_bytes"])[("demo_bytes_total", ())] == 2**40 + 0.125
-    c.inc(2**60)
-    assert f"demo_bytes_total {2**60 + 2**40}\n" in r.render()
+    assert samples(parse(r.render())["demo_bytes"])[("demo_bytes_total", ())] == 2**40 + 0.125
+    c.inc(2**60)  # the 0.125 is below a float's resolution here
+    assert samples(parse(r.render())["demo_bytes"])[("demo_bytes_total", ())] == 2**60 + 2**40
 
 
 def test_cache_metrics_render_parses():
@@ -177,6 +183,69 @@ def test_cache_metrics_render_parses():
         "kvtier_active_leases",
     ):
         assert name in families
+
+
+def declared(*owners: object) -> list[str]:
+    return [m.name for owner in owners for m in vars(owner).values() if isinstance(m, Counter | Gauge | Histogram)]
+
+
+def test_one_page_of_a_server_keeps_the_declared_names():
+    """The cache's, the integration's and the server's metrics share one registry and render as one page that
+    prometheus_client parses: one TYPE line per declared metric under its declared name (counters keep their
+    ``_total``), samples under the same names, and no ``_created`` series."""
+    m = CacheMetrics()
+    integration = IntegrationMetrics(registry=m.registry)
+    server = ServerMetrics(m.registry)
+    m.lookups.inc()
+    m.read_seconds.observe(0.002, tier="disk")
+    integration.backend_errors.inc(op="lookup")
+    server.requests.inc(op="lookup", status="ok")
+    server.clients.add_source(lambda: {(): 3})
+    text = m.render()
+    names = declared(m, integration, server)
+    assert re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE) == names
+    sample_names = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    assert {"kvtier_lookup_requests_total", "kvtier_server_requests_total", "kvtier_server_connected_clients"} <= (
+        sample_names
+    )
+    assert {"kvtier_tier_read_seconds_bucket", "kvtier_tier_read_seconds_count"} <= sample_names
+    assert not [name for name in sample_names if name.endswith("_created")]
+    assert m.registry.snapshot()["kvtier_server_connected_clients"] == 3
+    with pytest.raises(ValueError, match="kvtier_server_requests_total registered twice"):
+        ServerMetrics(m.registry)
+
+
+def test_cache_metrics_instances_do_not_share_values():
+    """Each CacheMetrics has its own registry, none of them prometheus_client's process-wide default one."""
+    a, b = CacheMetrics(), CacheMetrics()
+    a.lookups.inc(2)
+    a.hit_tokens.inc(16, tier="memory")
+    assert (a.lookups.total(), b.lookups.total(), b.hit_tokens.total()) == (2, 0, 0)
+    assert samples(parse(b.render())["kvtier_lookup_requests"]) == {("kvtier_lookup_requests_total", ()): 0}
+    assert parse(b.render())["kvtier_retrieve_hit_tokens"].samples == []
+    assert REGISTRY.get_sample_value("kvtier_lookup_requests_total") is None
+
+
+def test_updates_from_many_threads_are_not_lost():
+    """Engines update metrics from many threads: every increment and observation counts, new label sets included."""
+    m = CacheMetrics()
+    threads_n, per_thread = 8, 2000
+
+    def work(i: int) -> None:
+        for j in range(per_thread):
+            m.read_bytes.inc(2, tier=f"t{j % 5}")
+            m.read_seconds.observe(j / per_thread, tier=f"t{i}")
+            if j % 500 == 0:  # collection runs while others update
+                m.render()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert m.read_bytes.total() == 2 * threads_n * per_thread
+    assert m.read_seconds.count(tier="t3") == per_thread
+    assert m.registry.snapshot()["kvtier_tier_read_seconds_count"] == threads_n * per_thread
 
 
 def test_gauge_sources_with_the_same_labels_add_up():
@@ -209,3 +278,19 @@ def test_active_leases_count_every_model_of_a_server(tmp_path):
         assert "kvtier_active_leases 2" in metrics.render()
     finally:
         server.stop()
+
+
+def test_labeled_gives_counters_and_gauges_by_label_set():
+    """The dashboard's JSON view: each counter and gauge with its label sets and values, histograms left out."""
+    r = Registry()
+    hits = r.register(Counter("demo_hits_total", "Hits.", ("tier",)))
+    r.register(Counter("demo_calls_total", "Calls."))
+    r.register(Gauge("demo_used_bytes", "Used.", ("tier",))).add_source(lambda: {("memory",): 5.0})
+    r.register(Histogram("demo_seconds", "Latency.")).observe(0.1)
+    hits.inc(3, tier="memory")
+    hits.inc(2, tier="disk")
+    assert r.labeled() == {
+        "demo_hits_total": [{"labels": {"tier": "disk"}, "value": 2.0}, {"labels": {"tier": "memory"}, "value": 3.0}],
+        "demo_calls_total": [{"labels": {}, "value": 0.0}],
+        "demo_used_bytes": [{"labels": {"tier": "memory"}, "value": 5.0}],
+    }

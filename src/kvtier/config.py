@@ -177,6 +177,9 @@ class KVTierConfig:
     """GiB of chunks that may wait to be written to slower tiers; beyond it writes are dropped."""
     pin_timeout_sec: float = 300.0
     """Seconds after which a lookup lease that was never released expires (its pins are dropped)."""
+    miss_history_entries: int = 1 << 16
+    """Chunks whose last event (stored, evicted, refused, corrupt) is remembered to give misses a reason (~150
+    bytes each; 0: misses are only "never stored", "after a prefix break" and the like)."""
     read_workers: int = 4
     """Threads reading chunks from slower tiers in parallel."""
     copy_threads: int = 2
@@ -186,6 +189,14 @@ class KVTierConfig:
     in-process engine with the tiers configured here."""
     server_timeout_sec: float = 5.0
     """How long an integration waits for the server before treating the request as a miss."""
+    async_store: bool = False
+    """vLLM: store a prompt's KV off the engine step (its blocks stay allocated until the copy is done), so no step
+    waits for a store."""
+    enable_async_loading: bool = False
+    """vLLM: load cached KV off the engine step (the request waits in vLLM while other requests run); LMCache's key."""
+    handoff_timeout_sec: float = 10.0
+    """vLLM, disaggregated: how long a decoder waits for the KV its prefiller said it stored (``kv_transfer_params``)
+    to be in the cache before it computes the prompt itself."""
     verify_sample_rate: float = 0.0
     """Fraction of cache hits an integration recomputes without the cache to compare (0: off; for tests)."""
     enable_blending: bool = False
@@ -227,7 +238,9 @@ class KVTierConfig:
             "recompute_tokens_per_sec",
             "remote_admit_after_hits",
             "server_timeout_sec",
+            "handoff_timeout_sec",
             "verify_sample_rate",
+            "miss_history_entries",
         ):
             value = getattr(self, name)
             if not value >= 0:  # also rejects NaN

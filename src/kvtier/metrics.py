@@ -1,56 +1,86 @@
-"""Metrics, defined once: counters, gauges and histograms with labels, rendered as Prometheus text.
+"""kvtier's metrics, declared once, exposed as Prometheus text by ``prometheus_client``.
 
-The core depends on nothing for this: the server serves ``render()`` on ``/metrics`` and ``snapshot()`` on
-``/status``. Every metric a user needs to debug a cache is declared in :class:`CacheMetrics`; names follow
-Prometheus conventions (``_total`` counters, ``_seconds`` / ``_bytes`` units).
+Every metric a user needs to debug a cache is declared here: :class:`CacheMetrics` (an engine and its tiers),
+:class:`IntegrationMetrics` (an engine integration) and :class:`ServerMetrics` (the cache server, registered next to
+the cache's so that ``/metrics`` is one page). Names follow Prometheus conventions (``_total`` counters,
+``_seconds`` / ``_bytes`` units). The server serves :meth:`Registry.render` on ``/metrics``,
+:meth:`Registry.snapshot` on ``/status`` and :meth:`Registry.labeled` on ``/dashboard/data``.
+
+The exposition is prometheus_client's: each metric is a collector that yields one ``*MetricFamily``, each
+:class:`Registry` owns a ``CollectorRegistry`` of its own (never the process-wide default one: a process holds many
+engines, and vLLM registers its own metrics there) and renders it with ``generate_latest``. A thin wrapper over the
+values is kept rather than prometheus_client's ``Counter`` / ``Gauge`` / ``Histogram`` because it gives kvtier
+
+- one place that declares each metric with its labels, and a ``ValueError`` naming the metric for a wrong label set;
+- gauges read from callbacks when collected, labelled and summed over several sources (prometheus_client's
+  ``Gauge.set_function`` takes no labels);
+- values read back (``value``, ``total``, ``count``, ``snapshot``) for ``/status`` and tests, which
+  prometheus_client's metrics only offer through private attributes;
+- no ``_created`` series, which prometheus_client's ``Counter`` and ``Histogram`` add to every label set and only a
+  process-wide switch turns off.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
+import itertools
 import threading
-from collections.abc import Callable, Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from prometheus_client import generate_latest
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    Sample,
+)
+from prometheus_client.utils import floatToGoString
 
 LabelValues = tuple[str, ...]
 
 LATENCY_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class _Metric:
-    kind = ""
+class _Metric(ABC):
+    """A metric with declared labels; a prometheus_client collector of its one family."""
 
     def __init__(self, name: str, help_text: str, labels: Iterable[str] = ()) -> None:
         self.name = name
         self.help = help_text
         self.labels = tuple(labels)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # engines update metrics from many threads
 
     def _key(self, labels: dict[str, str]) -> LabelValues:
         if set(labels) != set(self.labels):
             raise ValueError(f"{self.name} takes labels {self.labels}, got {tuple(labels)}")
         return tuple(str(labels[name]) for name in self.labels)
 
-    def _fmt_labels(self, values: LabelValues, extra: str = "") -> str:
-        parts = [f'{n}="{_escape(v)}"' for n, v in zip(self.labels, values, strict=True)]
-        if extra:
-            parts.append(extra)
-        return "{" + ",".join(parts) + "}" if parts else ""
+    @abstractmethod
+    def collect(self) -> Iterator[Metric]:
+        """Yield this metric's family with its current samples (prometheus_client's collector protocol)."""
 
-    def samples(self) -> list[str]:
-        raise NotImplementedError
+    @abstractmethod
+    def totals(self) -> dict[str, float]:
+        """This metric's entries in :meth:`Registry.snapshot`."""
+
+    def samples(self) -> list[Sample]:
+        """The samples the exposition shows now (for failure messages)."""
+        return [sample for family in self.collect() for sample in family.samples]
 
 
 class Counter(_Metric):
-    kind = "counter"
-
     def __init__(self, name: str, help_text: str, labels: Iterable[str] = ()) -> None:
         super().__init__(name, help_text, labels)
-        self._values: dict[LabelValues, float] = {}
+        # An unlabelled counter is exposed as 0 before its first increment; a labelled one has no label values yet.
+        self._values: dict[LabelValues, float] = {} if self.labels else {(): 0.0}
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         if amount < 0:
-            raise ValueError("counters only go up")
+            raise ValueError(f"{self.name} only goes up, got an increment of {amount}")
         key = self._key(labels)
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
@@ -58,15 +88,25 @@ class Counter(_Metric):
     def value(self, **labels: str) -> float:
         return self._values.get(self._key(labels), 0.0)
 
-    def total(self) -> float:
-        return sum(self._values.values())
+    def values(self) -> dict[LabelValues, float]:
+        with self._lock:
+            return dict(self._values)
 
-    def samples(self) -> list[str]:
+    def total(self) -> float:
+        with self._lock:  # another thread may add a label set while we sum
+            return sum(self._values.values())
+
+    def collect(self) -> Iterator[Metric]:
+        # The family strips the name's "_total" and its samples add it back: the exposed names stay as declared.
+        family = CounterMetricFamily(self.name, self.help, labels=self.labels)
         with self._lock:
             items = sorted(self._values.items())
-        if not items and not self.labels:
-            items = [((), 0.0)]
-        return [f"{self.name}{self._fmt_labels(k)} {_num(v)}" for k, v in items]
+        for key, value in items:
+            family.add_metric(key, value)
+        yield family
+
+    def totals(self) -> dict[str, float]:
+        return {self.name: self.total()}
 
 
 GaugeSource = Callable[[], dict[LabelValues, float]]
@@ -75,8 +115,6 @@ GaugeSource = Callable[[], dict[LabelValues, float]]
 class Gauge(_Metric):
     """A gauge whose values are read from callbacks when collected (capacity, usage, queue depth). Sources
     reporting the same labels add up: several engines of one server each count their own leases."""
-
-    kind = "gauge"
 
     def __init__(self, name: str, help_text: str, labels: Iterable[str] = ()) -> None:
         super().__init__(name, help_text, labels)
@@ -101,88 +139,87 @@ class Gauge(_Metric):
                 merged[labels] = merged.get(labels, 0.0) + value
         return merged
 
-    def samples(self) -> list[str]:
-        items = sorted(self.values().items())
-        return [f"{self.name}{self._fmt_labels(k)} {_num(v)}" for k, v in items]
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.name, self.help, labels=self.labels)
+        for key, value in sorted(self.values().items()):
+            family.add_metric(key, value)
+        yield family
+
+    def totals(self) -> dict[str, float]:
+        return {self.name: sum(self.values().values())}
 
 
 class Histogram(_Metric):
-    kind = "histogram"
-
     def __init__(
         self, name: str, help_text: str, labels: Iterable[str] = (), buckets: Iterable[float] = LATENCY_BUCKETS
     ) -> None:
         super().__init__(name, help_text, labels)
         self.buckets = tuple(sorted(buckets))
-        self._counts: dict[LabelValues, list[int]] = {}
+        self._le = [*map(floatToGoString, self.buckets), "+Inf"]  # the bounds as prometheus_client's own write them
+        self._counts: dict[LabelValues, list[int]] = {}  # per label set: observations per bucket, not cumulative
         self._sums: dict[LabelValues, float] = {}
 
     def observe(self, value: float, **labels: str) -> None:
         key = self._key(labels)
         with self._lock:
-            counts = self._counts.setdefault(key, [0] * (len(self.buckets) + 1))
-            counts[bisect.bisect_left(self.buckets, value)] += 1
+            counts = self._counts.setdefault(key, [0] * len(self._le))
+            counts[bisect.bisect_left(self.buckets, value)] += 1  # bounds are inclusive (le)
             self._sums[key] = self._sums.get(key, 0.0) + value
 
     def count(self, **labels: str) -> int:
         return sum(self._counts.get(self._key(labels), ()))
 
-    def samples(self) -> list[str]:
-        lines = []
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.help, labels=self.labels)
         with self._lock:
-            items = sorted((k, list(v), self._sums[k]) for k, v in self._counts.items())
+            items = sorted((key, list(counts), self._sums[key]) for key, counts in self._counts.items())
         for key, counts, total in items:
-            running = 0
-            for bound, n in zip((*self.buckets, math.inf), counts, strict=True):
-                running += n
-                le = "+Inf" if bound == math.inf else _num(bound)
-                bucket_labels = self._fmt_labels(key, 'le="' + le + '"')
-                lines.append(f"{self.name}_bucket{bucket_labels} {running}")
-            lines.append(f"{self.name}_sum{self._fmt_labels(key)} {_num(total)}")
-            lines.append(f"{self.name}_count{self._fmt_labels(key)} {running}")
-        return lines
+            family.add_metric(key, list(zip(self._le, itertools.accumulate(counts), strict=True)), total)
+        yield family
+
+    def totals(self) -> dict[str, float]:
+        with self._lock:
+            return {self.name + "_count": sum(map(sum, self._counts.values()))}
 
 
-def _num(value: float) -> str:
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+M = TypeVar("M", bound=_Metric)
 
 
 class Registry:
-    """An ordered set of metrics with one text rendering."""
+    """An ordered set of metrics, exposed through a prometheus_client registry of its own."""
 
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
+        self._collectors = CollectorRegistry()
 
-    def register(self, metric: _Metric) -> _Metric:
+    def register(self, metric: M) -> M:
         if metric.name in self._metrics:
             raise ValueError(f"metric {metric.name} registered twice")
         self._metrics[metric.name] = metric
+        self._collectors.register(metric)
         return metric
 
     def render(self) -> str:
         """Prometheus text exposition format 0.0.4."""
-        out = []
-        for m in self._metrics.values():
-            help_text = m.help.replace("\\", "\\\\").replace("\n", "\\n")
-            out.append(f"# HELP {m.name} {help_text}")
-            out.append(f"# TYPE {m.name} {m.kind}")
-            out.extend(m.samples())
-        return "\n".join(out) + "\n"
+        return generate_latest(self._collectors).decode()
+
+    def labeled(self) -> dict[str, list[dict[str, Any]]]:
+        """Every counter's and gauge's value per label set, ``{name: [{"labels": {...}, "value": x}]}``: what
+        ``/metrics`` shows, as JSON for the dashboard (histograms are left out: it draws none)."""
+        return {
+            metric.name: [
+                {"labels": dict(zip(metric.labels, key, strict=True)), "value": value}
+                for key, value in sorted(metric.values().items())
+            ]
+            for metric in self._metrics.values()
+            if isinstance(metric, Counter | Gauge)
+        }
 
     def snapshot(self) -> dict[str, float]:
-        """Counter and gauge totals by name (for status pages and tests)."""
+        """Counter totals and gauge sums by name, histogram observation counts as ``name_count`` (for /status)."""
         snap: dict[str, float] = {}
-        for m in self._metrics.values():
-            if isinstance(m, Counter):
-                snap[m.name] = m.total()
-            elif isinstance(m, Gauge):
-                snap[m.name] = sum(m.values().values())
-            elif isinstance(m, Histogram):
-                snap[m.name + "_count"] = sum(sum(c) for c in m._counts.values())
+        for metric in self._metrics.values():
+            snap.update(metric.totals())
         return snap
 
 
@@ -237,6 +274,12 @@ class CacheMetrics:
             r, "kvtier_background_write_queue_bytes", "Bytes waiting to be written to a slower tier.", tier
         )
         self.active_leases = _g(r, "kvtier_active_leases", "Lookup leases not yet released or expired.")
+        self.miss_tokens = _c(
+            r,
+            "kvtier_miss_tokens_total",
+            "Prompt tokens not served from the cache, by call (lookup, retrieve) and reason (docs/operations.md).",
+            ("op", "reason"),
+        )
         self.segment_stored_tokens = _c(
             r, "kvtier_segment_stored_tokens_total", "Tokens newly stored as segments (text cached by its content)."
         )
@@ -276,6 +319,11 @@ class IntegrationMetrics:
         self._verify_max: dict[str, float] = {}
         self.verify_max_abs_diff.add_source(lambda: {(what,): v for what, v in self._verify_max.items()})
         self.ttft_seconds = _h(r, "kvtier_integration_ttft_seconds", "Time to first token of a prompt.")
+        self.handoff_timeouts = _c(
+            r,
+            "kvtier_integration_handoff_timeouts_total",
+            "Decoder requests whose prefiller's KV did not reach the cache in time (computed instead).",
+        )
         self.blended_prompts = _c(r, "kvtier_blend_prompts_total", "Prompts prefilled by blending cached segments.")
         self.blend_segments = _c(
             r,
@@ -295,15 +343,15 @@ class IntegrationMetrics:
 
 
 def _c(r: Registry, name: str, help_text: str, labels: Iterable[str] = ()) -> Counter:
-    return r.register(Counter(name, help_text, labels))  # type: ignore[return-value]
+    return r.register(Counter(name, help_text, labels))
 
 
 def _h(r: Registry, name: str, help_text: str, labels: Iterable[str] = ()) -> Histogram:
-    return r.register(Histogram(name, help_text, labels))  # type: ignore[return-value]
+    return r.register(Histogram(name, help_text, labels))
 
 
 def _g(r: Registry, name: str, help_text: str, labels: Iterable[str] = ()) -> Gauge:
-    return r.register(Gauge(name, help_text, labels))  # type: ignore[return-value]
+    return r.register(Gauge(name, help_text, labels))
 
 
 class ServerMetrics:

@@ -1,5 +1,5 @@
-"""``kvtier ping | status | lookup | clear`` against a real server (its admin API over HTTP), with and without the
-bearer token."""
+"""``kvtier ping | status | lookup | explain | clear`` against a real server (its admin API over HTTP), with and
+without the bearer token."""
 
 from __future__ import annotations
 
@@ -68,6 +68,25 @@ def test_lookup_of_text_through_the_models_tokenizer(server, capsys) -> None:
     status, out, _ = run(capsys, server, "lookup", "--model", "ops-model", "--layout", "2,2,16",
                          "--text", "Hello there", "--tokenizer", str(prepare_model()))  # fmt: skip
     assert status == 0 and "0 of " in out
+
+
+def test_explain_names_the_tier_or_the_reason_of_each_part(server, capsys) -> None:
+    """The stored 40-token prompt: two chunks cached, the tail a partial chunk; a prompt whose second chunk differs
+    misses from there on; another model's view of the same tokens says which model has them."""
+    prompt = ["explain", "--model", "ops-model", "--layout", "2,2,16"]
+    status, out, _ = run(capsys, server, *prompt, "--tokens", ",".join(map(str, range(40))))
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0] == "32 of 40 tokens cached (chunks of 16)"
+    assert lines[1].split() == ["tokens", "0-32", "cached", "in", "memory"]
+    assert lines[2].split()[:4] == ["tokens", "32-40", "miss:", "partial_chunk"]
+    other = ["explain", "--model", "other-model", "--layout", "2,2,16", "--tokens", ",".join(map(str, range(32)))]
+    status, out, _ = run(capsys, server, *other)
+    assert status == 0 and "miss: other_namespace (cached under model 'ops-model'" in out
+    status, out, _ = run(capsys, server, *prompt, "--tokens", "1,2", "--json")
+    assert status == 0 and json.loads(out)["miss_tokens"] == {"partial_chunk": 2}
+    status, _, err = run(capsys, server, *prompt, "--tokens", "1,2", token=False)
+    assert status == 1 and "401" in err
 
 
 def test_clear_one_tenant_or_everything(server, capsys) -> None:

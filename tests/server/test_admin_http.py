@@ -75,7 +75,7 @@ HOSTILE_BODIES = {
 }
 
 
-@pytest.mark.parametrize("path", ["/clear", "/delete", "/lookup", "/pin", "/prefetch", "/unpin"])
+@pytest.mark.parametrize("path", ["/clear", "/delete", "/explain", "/lookup", "/pin", "/prefetch", "/unpin"])
 @pytest.mark.parametrize("body", list(HOSTILE_BODIES.values()), ids=list(HOSTILE_BODIES))
 def test_hostile_bodies_get_a_400_with_a_reason(server, path: str, body: bytes) -> None:
     response = raw_http(server.http_port, post(path, body))
@@ -181,6 +181,47 @@ def test_lookup_tells_a_router_how_much_of_a_prompt_is_cached_and_where(server) 
         assert http_json(server.http_port, "POST", "/lookup", other)[1]["hit_tokens"] == 0
     assert server.server.service.storage.memory.usage().pinned_chunks == 0
     assert http_json(server.http_port, "POST", "/lookup", {**prompt, "tokens": [-1]})[0] == 400
+
+
+def test_explain_says_where_each_chunk_is_and_why_the_others_miss(server) -> None:
+    """The stored 64-token prompt extended by a partial chunk: its chunks in memory, the tail a partial chunk;
+    another tenant's view of the same tokens names the other tenant only as "another tenant's" (the operator's
+    endpoint); token ids and text are both accepted, one of them at a time."""
+    body = {**NAMESPACE, "tokens": [*range(64), 5, 6, 7]}
+    status, found = http_json(server.http_port, "POST", "/explain", body)
+    assert status == 200
+    assert (found["hit_tokens"], found["total_tokens"], found["chunk_size"]) == (64, 67, CHUNK)
+    assert found["miss_tokens"] == {"partial_chunk": 3}
+    expected = [(start, start + CHUNK, "memory", None) for start in range(0, 64, CHUNK)]
+    assert [(c["start"], c["end"], c["tier"], c["reason"]) for c in found["chunks"]] == [
+        *expected,
+        (64, 67, None, "partial_chunk"),
+    ]
+    other = http_json(server.http_port, "POST", "/explain", {**body, "cache_salt": "tenant-b"})[1]
+    assert other["chunks"][0]["reason"] == "other_namespace"
+    assert other["chunks"][0]["detail"] == "cached under another tenant's cache_salt"
+    assert http_json(server.http_port, "POST", "/explain", {**body, "text": "hello"})[0] == 400  # both
+    assert http_json(server.http_port, "POST", "/explain", NAMESPACE)[0] == 400  # neither
+    status, refused = http_json(server.http_port, "POST", "/explain", {**NAMESPACE, "text": "hello"})
+    assert status == 400 and "send tokens" in refused["error"]  # "test-model" is no model directory
+
+
+def test_recent_requests_show_hits_and_misses_by_tenant_id(server) -> None:
+    lookup = {**NAMESPACE, "tokens": [*range(64), *range(500, 532)], "cache_salt": "tenant-a"}
+    http_json(server.http_port, "POST", "/lookup", lookup)
+    status, recent = http_json(server.http_port, "GET", "/requests?limit=2")
+    assert status == 200 and len(recent["requests"]) == 2
+    newest, store = recent["requests"]
+    assert (newest["op"], newest["model"], newest["hit_tokens"], newest["total_tokens"]) == (
+        "lookup",
+        "test-model",
+        0,
+        96,
+    )
+    assert newest["miss_tokens"] == {"never_stored": 96}  # another tenant's chunks are never shown as such
+    assert newest["tenant"] not in ("tenant-a", "_default") and "tenant-a" not in json.dumps(recent)
+    assert (store["op"], store["stored_tokens"], store["tenant"]) == ("store", 64, "_default")
+    assert http_json(server.http_port, "GET", "/requests?limit=0")[0] == 400
 
 
 def test_prefetch_loads_prompts_from_disk_into_memory(server) -> None:

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kvtier.cli import demo as demo_cli
     from kvtier.cli import model as model_cli
     from kvtier.cli import ops, selfcheck
+    from kvtier.cli import proxy as proxy_cli
     from kvtier.cli import warm as warm_cli
 
     parser = argparse.ArgumentParser(prog="kvtier", description="A tiered KV cache for LLM inference.")
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", help="prepare the local model (SmolLM2-135M-Instruct from its wheel)")
     model_cli.add_arguments(model)
     model.set_defaults(run=model_cli.run)
+
+    proxy = commands.add_parser("proxy", help="prefill/decode disaggregation: a proxy in front of vLLM instances")
+    proxy_cli.add_arguments(proxy)
+    proxy.set_defaults(run=proxy_cli.run)
 
     configured = partial(_configured_command, commands)
     configured("demo", "two requests sharing a prefix through a real model: Stored, Retrieved, TTFT",

@@ -3,6 +3,7 @@
 - ``kvtier ping``: is it up, and how long does an answer take;
 - ``kvtier status``: tiers (use, capacity, chunks), hit rate, clients, the models it serves;
 - ``kvtier lookup``: how much of a prompt (token ids, or text with a tokenizer) is cached, and in which tier;
+- ``kvtier explain``: each part of a prompt: the tier serving it, or why none does (the miss reasons);
 - ``kvtier clear``: remove every chunk, or one tenant's.
 
 ``--url`` is the admin URL (default: ``http_host``:``http_port`` of the configuration); the bearer token is the
@@ -28,7 +29,7 @@ TIMEOUT_SEC = 10.0
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--url", help="the server's admin URL (default: http://<http_host>:<http_port>)")
     parser.add_argument("--json", action="store_true", help="print the server's reply as JSON")
-    if command == "lookup":
+    if command in ("lookup", "explain"):
         parser.add_argument("--model", required=True, help="the model name the engine uses")
         parser.add_argument("--layout", required=True, metavar="L,H,D[,DTYPE]",
                             help="layers, KV heads, head dim and dtype of the model's KV (dtype: float16)")  # fmt: skip
@@ -100,17 +101,48 @@ def _status(client: httpx.Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def _lookup(client: httpx.Client, args: argparse.Namespace) -> int:
+def _ask_about_prompt(client: httpx.Client, args: argparse.Namespace, path: str) -> dict[str, Any] | int:
+    """The server's reply about the prompt the arguments give, or the exit status once it is printed (``--json``)
+    or refused."""
     body = {"model": args.model, "layout": _layout(args.layout), "tokens": _tokens(args), "cache_salt": args.cache_salt}
-    reply = _reply(client.post("/lookup", json=body), "lookup")
+    reply = _reply(client.post(path, json=body), args.command)
     if reply is None:
         return 1
     if args.json:
         print(json.dumps(reply))
         return 0
+    return reply
+
+
+def _lookup(client: httpx.Client, args: argparse.Namespace) -> int:
+    reply = _ask_about_prompt(client, args, "/lookup")
+    if isinstance(reply, int):
+        return reply
     tiers = ", ".join(f"{n} from {tier}" for tier, n in reply["tier_tokens"].items()) or "nothing cached"
     print(f"{reply['hit_tokens']} of {reply['total_tokens']} tokens cached ({tiers}; chunks of {reply['chunk_size']})")
     return 0
+
+
+def _explain(client: httpx.Client, args: argparse.Namespace) -> int:
+    reply = _ask_about_prompt(client, args, "/explain")
+    if isinstance(reply, int):
+        return reply
+    print(f"{reply['hit_tokens']} of {reply['total_tokens']} tokens cached (chunks of {reply['chunk_size']})")
+    for start, end, tier, reason, detail in _runs(reply["chunks"]):
+        where = f"cached in {tier}" if reason is None else f"miss: {reason}" + (f" ({detail})" if detail else "")
+        print(f"  tokens {start:>7}-{end:<7} {where}")
+    return 0
+
+
+def _runs(chunks: list[dict[str, Any]]) -> list[tuple[int, int, str | None, str | None, str]]:
+    """Consecutive chunks with the same tier and reason as one range (the first chunk's detail)."""
+    runs: list[tuple[int, int, str | None, str | None, str]] = []
+    for c in chunks:
+        if runs and runs[-1][2:4] == (c["tier"], c["reason"]) and runs[-1][1] == c["start"]:
+            runs[-1] = (runs[-1][0], c["end"], *runs[-1][2:])
+        else:
+            runs.append((c["start"], c["end"], c["tier"], c["reason"], c["detail"]))
+    return runs
 
 
 def _clear(client: httpx.Client, args: argparse.Namespace) -> int:
@@ -122,11 +154,12 @@ def _clear(client: httpx.Client, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"ping": _ping, "status": _status, "lookup": _lookup, "clear": _clear}
+COMMANDS = {"ping": _ping, "status": _status, "lookup": _lookup, "explain": _explain, "clear": _clear}
 HELP = {
     "ping": "check that a server answers, and how fast",
     "status": "a server's tiers, capacity, hit rate, clients and models",
     "lookup": "how much of a prompt a server has cached, and where",
+    "explain": "each part of a prompt: where a server has it cached, or why not",
     "clear": "remove every chunk from a server, or one tenant's",
 }
 
@@ -134,7 +167,7 @@ HELP = {
 def _layout(text: str) -> dict[str, Any]:
     parts = text.split(",")
     if len(parts) not in (3, 4) or not all(p.strip().isdigit() for p in parts[:3]):
-        raise SystemExit(f"kvtier lookup: --layout {text!r}: expected LAYERS,KV_HEADS,HEAD_DIM[,DTYPE]")
+        raise SystemExit(f"kvtier: --layout {text!r}: expected LAYERS,KV_HEADS,HEAD_DIM[,DTYPE]")
     layout: dict[str, Any] = dict(zip(("num_layers", "num_kv_heads", "head_dim"), map(int, parts[:3]), strict=False))
     if len(parts) == 4:
         layout["dtype"] = parts[3].strip()
@@ -144,7 +177,7 @@ def _layout(text: str) -> dict[str, Any]:
 def _tokens(args: argparse.Namespace) -> list[int]:
     if args.text is not None:
         if not args.tokenizer:
-            raise SystemExit("kvtier lookup: --text needs --tokenizer DIR")
+            raise SystemExit(f"kvtier {args.command}: --text needs --tokenizer DIR")
         from transformers import AutoTokenizer
 
         return list(AutoTokenizer.from_pretrained(args.tokenizer)(args.text).input_ids)
@@ -156,7 +189,7 @@ def _tokens(args: argparse.Namespace) -> list[int]:
         else:
             tokens = [int(t) for t in text.split(",") if t.strip()]
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"kvtier lookup: --tokens: {exc}") from None
+        raise SystemExit(f"kvtier {args.command}: --tokens: {exc}") from None
     if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
-        raise SystemExit("kvtier lookup: --tokens must be a list of token ids")
+        raise SystemExit(f"kvtier {args.command}: --tokens must be a list of token ids")
     return tokens

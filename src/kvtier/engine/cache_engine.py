@@ -8,12 +8,13 @@ from slower tiers) and copies it out. See ``docs/architecture.md`` for a walk th
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -21,8 +22,16 @@ import numpy as np
 
 from kvtier.codecs.gate import check_codecs
 from kvtier.config import KVTierConfig
+from kvtier.diagnosis import ChunkReport, Event, Facts, RequestRecord, explain_misses, miss_tokens
 from kvtier.engine.leases import Lease, LeaseTable, Pins
-from kvtier.engine.results import LookupResult, RetrieveResult, StoreResult, describe_tiers
+from kvtier.engine.results import (
+    Explanation,
+    LookupResult,
+    RetrieveResult,
+    StoreResult,
+    describe_misses,
+    describe_tiers,
+)
 from kvtier.engine.transfer import ArrayKV, KVDestination, KVSource, as_destination, as_source
 from kvtier.errors import LayoutError
 from kvtier.memory.layout import KVLayout
@@ -32,7 +41,7 @@ from kvtier.storage.base import StorageTier
 from kvtier.storage.registry import build_storage
 from kvtier.storage.tiered import TieredStorage
 from kvtier.tokens.chunking import Chunk, Chunker
-from kvtier.tokens.hashing import HASH_SCHEME
+from kvtier.tokens.hashing import HASH_SCHEME, chained_hashes, token_bytes
 from kvtier.tokens.keys import CacheKey, Namespace
 
 log = logging.getLogger("kvtier")
@@ -55,6 +64,17 @@ class Reservation:
     dropped_tokens: int  # chunks that found no memory (always a tail of the prompt)
     started: float
     segment: bool = False
+    cache_salt: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    """Where a prompt's chunks are: ``sources``, the tiers to read the prefix worth reading from; ``found``, the
+    first tier holding each chunk (None: none), as far as ``asked_remote`` (else remote tiers were assumed)."""
+
+    sources: list[StorageTier]
+    found: list[StorageTier | None]
+    asked_remote: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +161,8 @@ class CacheEngine:
         self.leases.expire()
         num_tokens = _token_count(tokens)
         chunks, keys = self.chunk_keys(tokens, cache_salt, segment)
-        sources = self._locate(chunks, keys)
+        located = self._locate(chunks, keys)
+        sources = located.sources
         hit = chunks[len(sources) - 1].end if sources else 0
         lease = None
         if pin and sources:
@@ -151,26 +172,111 @@ class CacheEngine:
         m.lookups.inc()
         m.lookup_tokens.inc(num_tokens)
         m.lookup_hit_tokens.inc(hit)
-        m.lookup_seconds.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        m.lookup_seconds.observe(seconds)
         tiers = Counter[str]()
         for chunk, tier in zip(chunks, sources, strict=False):
             tiers[tier.name] += chunk.num_tokens
-        return LookupResult(hit, num_tokens, dict(tiers), lease)
+        misses = miss_tokens(self._misses(tokens, chunks, keys, located, len(sources), num_tokens, segment))
+        self._note_request("lookup", cache_salt, num_tokens, hit, tiers, misses, seconds)
+        log.debug("Looked up %d tokens: %s%s", num_tokens, describe_tiers(tiers), describe_misses(misses))
+        return LookupResult(hit, num_tokens, dict(tiers), lease, misses)
 
-    def _locate(self, chunks: Sequence[Chunk], keys: Sequence[CacheKey], *, reading: bool = False) -> list[StorageTier]:
+    def explain(
+        self, tokens: Any, *, cache_salt: str = "", segment: bool = False, reveal_tenants: bool = False
+    ) -> Explanation:
+        """Each chunk of ``tokens``: the tier that would serve it, or why none would (``docs/operations.md``).
+
+        Asks every tier, remote ones too, and changes nothing (eviction order, counters). ``reveal_tenants``: also
+        say when the tokens are cached for another tenant, which one tenant must never learn of another's
+        prompts: for administrators only."""
+        num_tokens = _token_count(tokens)
+        chunks, keys = self.chunk_keys(tokens, cache_salt, segment)
+        located = self._locate(chunks, keys, count=False)
+        readable = located.sources[: self._readable(keys, located.sources)]
+        served = [ChunkReport(c.start, c.end, t.name) for c, t in zip(chunks, readable, strict=False)]
+        misses = self._misses(tokens, chunks, keys, located, len(served), num_tokens, segment, reveal_tenants)
+        return Explanation(served[-1].end if served else 0, num_tokens, served + misses)
+
+    def _readable(self, keys: Sequence[CacheKey], sources: Sequence[StorageTier]) -> int:
+        """How many of the located chunks can be read: up to the first one its tier holds in a codec this engine
+        does not read (a read found out before; the chunk stays there for engines that do read it)."""
+        history = self.storage.history
+        for i, (key, tier) in enumerate(zip(keys, sources, strict=False)):
+            record = history.last(key.id)
+            if record is not None and record.events & Event.CODEC_MISMATCH and record.tier == tier.name:
+                return i
+        return len(sources)
+
+    def _locate(
+        self, chunks: Sequence[Chunk], keys: Sequence[CacheKey], *, reading: bool = False, count: bool = True
+    ) -> Located:
         """Where the longest cached prefix lives, cut where fetching would be slower than recomputing.
 
         ``reading``: a read follows at once. Then, unless the cost model needs to know which chunks a remote tier
-        holds before fetching them, the remote tier is not asked first: the read finds out (one round trip)."""
+        holds before fetching them, the remote tier is not asked first: the read finds out (one round trip).
+        ``count``: count the tokens the cost model skips in the metrics."""
         ask_remote = not reading or self.config.recompute_tokens_per_sec > 0
-        sources = self.storage.locate(keys, ask_remote=ask_remote)
-        end = self.storage.affordable_prefix(
-            sources,
-            [c.num_tokens for c in chunks],
-            [self.layout.chunk_bytes(c.num_tokens) for c in chunks],
-            self.config.recompute_tokens_per_sec,
+        found = self.storage.find(keys, ask_remote=ask_remote)
+        located = list(itertools.takewhile(lambda tier: tier is not None, found))
+        if self.config.recompute_tokens_per_sec > 0:  # the cost model: how much of the prefix is worth reading
+            end = self.storage.affordable_prefix(
+                located,
+                [c.num_tokens for c in chunks],
+                [self.layout.chunk_bytes(c.num_tokens) for c in chunks],
+                self.config.recompute_tokens_per_sec,
+                count,
+            )
+            located = located[:end]
+        return Located(located, found, ask_remote)  # type: ignore[arg-type]
+
+    def _misses(
+        self,
+        tokens: Any,
+        chunks: Sequence[Chunk],
+        keys: Sequence[CacheKey],
+        located: Located,
+        served: int,
+        num_tokens: int,
+        segment: bool,
+        reveal_tenants: bool = False,
+    ) -> list[ChunkReport]:
+        """A report for each chunk not served (and a trailing partial chunk): why not."""
+        if served == len(chunks) and (chunks[-1].end if chunks else 0) >= num_tokens:
+            return []  # all served: the common case costs nothing
+        remote = frozenset(t.name for t in self.storage.lower if not t.is_local)
+        facts = Facts(
+            chunks,
+            keys,
+            [t.name if t is not None else None for t in located.found],
+            served,
+            len(located.sources),
+            num_tokens,
+            self.config.chunk_size,
+            unavailable=self.storage.unavailable(),
+            assumed=frozenset() if located.asked_remote else remote,
+            first_chunk_hash=None if segment else partial(_first_chunk_hash, tokens),
+            reveal_tenants=reveal_tenants,
         )
-        return sources[:end]
+        return explain_misses(facts, self.storage.history)
+
+    def _note_request(
+        self,
+        op: str,
+        cache_salt: str,
+        total: int,
+        hit: int,
+        tiers: dict[str, int],
+        misses: dict[str, int],
+        seconds: float,
+        stored: int = 0,
+    ) -> None:
+        """Count a request's misses by reason and keep it among the recent requests."""
+        for reason, n in misses.items():
+            self.metrics.miss_tokens.inc(n, op=op, reason=reason)
+        model = self._base_namespace.model_name
+        record = RequestRecord(time.time(), op, model, total, hit, dict(tiers), misses, seconds, stored, cache_salt)
+        self.storage.recent.add(record)
 
     def release(self, lease: Lease | int) -> bool:
         """Release a lookup lease's pins; False if it was already released or had expired."""
@@ -238,12 +344,13 @@ class CacheEngine:
         dropped = sum(c.num_tokens for c, _ in new[len(objs) :])
         new = new[: len(objs)]
         chunks, keys = [c for c, _ in new], [k for _, k in new]
-        return Reservation(chunks, keys, objs, cached, held, num_tokens, dropped, started, segment)
+        return Reservation(chunks, keys, objs, cached, held, num_tokens, dropped, started, segment, cache_salt)
 
     def commit(self, reservation: Reservation) -> StoreResult:
         """Publish a filled reservation to every tier (memory now, slower tiers in the background)."""
         num_chunks = len(reservation.objs)
         try:
+            self.storage.history.stored(reservation.keys, self.config.chunk_size)  # before write notes admission
             self.storage.write(reservation.keys, reservation.objs)
             # Storing is a use of the chunks already cached: refresh them after inserting the new ones, so a
             # cached head stays newer than the tail stored behind it (else it is evicted first, orphaning the tail).
@@ -254,6 +361,10 @@ class CacheEngine:
         skipped = reservation.num_tokens - stored - reservation.dropped_tokens
         result = StoreResult(stored, skipped, reservation.dropped_tokens, time.perf_counter() - reservation.started)
         self._record_store(result, num_chunks)
+        self._note_request(
+            "store", reservation.cache_salt, result.stored_tokens + skipped + result.dropped_tokens, skipped, {}, {},
+            result.seconds, result.stored_tokens,
+        )  # fmt: skip
         if reservation.segment:
             self.metrics.segment_stored_tokens.inc(result.stored_tokens)
         return result
@@ -341,7 +452,9 @@ class CacheEngine:
         dest = as_destination(out, self.layout) if out is not None else None
         limit = getattr(dest, "num_tokens", num_tokens)
         wanted = [(c, k) for c, k in wanted if c.end <= limit]
-        sources = self._locate([c for c, _ in wanted], [k for _, k in wanted], reading=True)
+        located = self._locate([c for c, _ in wanted], [k for _, k in wanted], reading=True)
+        sources = located.sources
+        asked = wanted
         wanted = wanted[: len(sources)]
         if dest is None:  # a new array for the located prefix; trimmed below if a chunk fails to read
             end = wanted[-1][0].end if wanted else 0
@@ -368,8 +481,9 @@ class CacheEngine:
         loaded_tokens = sum(tiers.values())
         hit = skip + loaded_tokens if loaded_tokens else 0
         kv = out if out is not None else dest.array[:, :, : loaded[-1].end if loaded else 0]
-        result = RetrieveResult(hit, loaded_tokens, num_tokens, kv, dict(tiers), time.perf_counter() - started)
-        self._record_retrieve(result, segment)
+        misses = self._retrieve_misses(tokens, asked, located, len(loaded), min(num_tokens, limit), segment)
+        result = RetrieveResult(hit, loaded_tokens, num_tokens, kv, dict(tiers), time.perf_counter() - started, misses)
+        self._record_retrieve(result, segment, cache_salt)
         return result
 
     def acquire(
@@ -381,17 +495,33 @@ class CacheEngine:
         num_tokens, skip, wanted = self._chunks_after(
             tokens, self._skip(tokens, skip_tokens, mask), cache_salt, segment
         )
-        sources = self._locate([c for c, _ in wanted], [k for _, k in wanted], reading=True)
-        read = self.storage.read([k for _, k in wanted[: len(sources)]], sources)
+        located = self._locate([c for c, _ in wanted], [k for _, k in wanted], reading=True)
+        read = self.storage.read([k for _, k in wanted[: len(located.sources)]], located.sources)
         loaded = [c for c, _ in wanted[: len(read.objs)]]
         tiers = _tokens_by_tier(loaded, read.tiers)
         loaded_tokens = sum(tiers.values())
         hit = skip + loaded_tokens if loaded_tokens else 0
-        result = RetrieveResult(hit, loaded_tokens, num_tokens, None, dict(tiers), time.perf_counter() - started)
-        self._record_retrieve(result, segment)
+        misses = self._retrieve_misses(tokens, wanted, located, len(loaded), num_tokens, segment)
+        seconds = time.perf_counter() - started
+        result = RetrieveResult(hit, loaded_tokens, num_tokens, None, dict(tiers), seconds, misses)
+        self._record_retrieve(result, segment, cache_salt)
         return Acquired(result, loaded, read.objs)
 
-    def _record_retrieve(self, result: RetrieveResult, segment: bool) -> None:
+    def _retrieve_misses(
+        self,
+        tokens: Any,
+        wanted: Sequence[tuple[Chunk, CacheKey]],
+        located: Located,
+        loaded: int,
+        num_tokens: int,
+        segment: bool,
+    ) -> dict[str, int]:
+        reports = self._misses(
+            tokens, [c for c, _ in wanted], [k for _, k in wanted], located, loaded, num_tokens, segment
+        )
+        return miss_tokens(reports)
+
+    def _record_retrieve(self, result: RetrieveResult, segment: bool, cache_salt: str) -> None:
         m = self.metrics
         if segment:
             m.segment_retrieved_tokens.inc(result.loaded_tokens)
@@ -405,13 +535,18 @@ class CacheEngine:
         m.retrieve_seconds.observe(result.seconds)
         nbytes = self.layout.chunk_bytes(result.loaded_tokens)
         where = describe_tiers(result.tier_tokens)
+        self._note_request(
+            "retrieve", cache_salt, result.total_tokens, result.hit_tokens, result.tier_tokens, result.miss_tokens,
+            result.seconds,
+        )  # fmt: skip
         log.info(
-            "Retrieved %d of %d tokens (%s) in %.2f ms (%s)",
+            "Retrieved %d of %d tokens (%s) in %.2f ms (%s)%s",
             result.loaded_tokens,
             result.total_tokens,
             where,
             result.seconds * 1e3,
             _rate(nbytes, result.seconds),
+            describe_misses(result.miss_tokens),
         )
 
     # -- prefetch and lifetime ----------------------------------------------------------------------
@@ -424,7 +559,7 @@ class CacheEngine:
         return self._prefetcher.submit(self._prefetch, chunks, keys)
 
     def _prefetch(self, chunks: list[Chunk], keys: list[CacheKey]) -> int:
-        sources = self._locate(chunks, keys)
+        sources = self._locate(chunks, keys).sources
         slow = [i for i, t in enumerate(sources) if t is not self.storage.memory]
         if not slow or self.storage.memory is None:
             return chunks[len(sources) - 1].end if sources else 0
@@ -496,6 +631,13 @@ class CacheEngine:
         if not flags[skip:].all():
             raise ValueError("mask must be False...False then True...True")
         return skip
+
+
+def _first_chunk_hash(tokens: Any, chunk_size: int) -> bytes | None:
+    """The hash of the first ``chunk_size`` tokens as a client chunking at that size would key them."""
+    encoded = token_bytes(tokens)[: chunk_size * 4]
+    hashes = chained_hashes(encoded, chunk_size, include_partial=False)
+    return hashes[0] if hashes else None
 
 
 def _token_count(tokens: Any) -> int:

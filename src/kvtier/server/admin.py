@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 import threading
@@ -9,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvtier.engine.results import LookupResult
+from kvtier.diagnosis import RequestRecord
+from kvtier.engine.results import Explanation, LookupResult
 from kvtier.protocol import ProtocolError, Status, get_field
+from kvtier.server.tokenize import tokenize
 from kvtier.storage.base import StorageTier
 from kvtier.tokens.keys import CacheKey
 
@@ -44,6 +47,21 @@ class AdminActions:
         """How much of a prompt's prefix is cached, and in which tiers (nothing is pinned)."""
         s = self.service
         return s.engine_for(body).lookup(self._tokens(body), cache_salt=s.salt(body))
+
+    def explain_tokens(self, body: dict[str, Any]) -> Explanation:
+        """Each chunk of a prompt (``tokens``, or ``text`` the server can tokenize): where it is cached or why not.
+        Also says when the tokens are cached for another tenant: the admin API is the operator's."""
+        s = self.service
+        engine = s.engine_for(body)
+        tokens = self._tokens({"tokens": tokenize(engine.namespace().model_name, body["text"])}) if "text" in body \
+            else self._tokens(body)  # fmt: skip
+        return engine.explain(tokens, cache_salt=s.salt(body), reveal_tenants=True)
+
+    def recent_requests(self, limit: int) -> list[dict[str, Any]]:
+        """The last ``limit`` requests, newest first, each with its tenant's id (never its salt)."""
+        records = self.storage.recent.latest(limit)
+        fields = [f.name for f in dataclasses.fields(RequestRecord) if f.name != "cache_salt"]
+        return [{**{f: getattr(r, f) for f in fields}, "tenant": self.tenant_id(r.cache_salt)} for r in records]
 
     def prefetch_prompts(self, body: dict[str, Any], wait: bool) -> list[int] | None:
         """Load each prompt's cached prefix from slower tiers into memory, in the background; with ``wait``, the

@@ -1,7 +1,9 @@
 """HTTP admin and metrics for the cache server: FastAPI (typed handlers, request validation, the OpenAPI document
 generated from them) served by uvicorn on its own thread.
 
-Reading: ``GET /healthcheck`` (200 healthy / 503 not ready), ``/status`` (JSON), ``/metrics`` (Prometheus text),
+Reading: ``GET /`` (the dashboard: one self-contained HTML page, ``dashboard``), ``/dashboard/data`` (what it polls:
+status, counters and gauges by label, recent requests; JSON), ``/healthcheck`` (200 healthy / 503 not ready),
+``/status`` (JSON), ``/metrics`` (Prometheus text), ``/requests`` (the last requests with their hits and misses),
 ``/quota`` (tenants by id), ``/quota/<cache_salt>`` (one tenant, for whoever holds its salt), ``/openapi.json``.
 Changing, with the bearer token when the server has one: ``POST /clear`` (all, or one tenant), ``/delete`` and
 ``/pin`` (a prompt's chunks), ``/unpin``, ``PUT|DELETE /quota/<cache_salt>``.
@@ -23,12 +25,12 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -37,6 +39,7 @@ from kvtier import __version__
 from kvtier.errors import KVTierError
 from kvtier.memory.layout import DTYPES_BY_NAME
 from kvtier.protocol import MAX_LAYOUT_DIM, ProtocolError, parse_json_object
+from kvtier.server import dashboard
 from kvtier.server.admin import DEFAULT_TENANT
 from kvtier.server.service import MAX_MODEL_NAME, CacheService
 from kvtier.tokens.keys import MAX_SALT_LENGTH
@@ -46,6 +49,7 @@ MAX_BODY_BYTES = 64 << 20  # a /delete or /pin body lists at most server_max_tok
 BODY_TIMEOUT_SEC = 10.0  # a body must arrive within this long once its headers have
 MAX_CONNECTIONS = 128  # beyond this many open connections uvicorn answers 503
 MAX_PREFETCH = 1024  # prompts in one /prefetch
+MAX_RECENT = 200  # requests the server remembers for /requests
 DTYPE_NAMES = tuple(DTYPES_BY_NAME)
 
 
@@ -84,6 +88,17 @@ class PromptBody(NamespaceBody):
     tokens: TokenIds = Field(max_length=1 << 24)
 
 
+class ExplainBody(NamespaceBody):
+    tokens: TokenIds | None = Field(None, max_length=1 << 24)
+    text: str | None = Field(None, max_length=MAX_BODY_BYTES, description="tokenized by the server (model dirs)")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> ExplainBody:
+        if (self.tokens is None) == (self.text is None):
+            raise ValueError("give tokens or text, not both")
+        return self
+
+
 class PrefetchBody(NamespaceBody):
     prompts: list[TokenIds] = Field(min_length=1, max_length=MAX_PREFETCH)
     wait: bool = Field(False, description="answer once every prompt is loaded, with the prefix lengths")
@@ -110,6 +125,50 @@ class LookedUp(BaseModel):
     total_tokens: int
     tier_tokens: dict[str, int] = Field(description="how many of the hit tokens each tier holds")
     chunk_size: int
+
+
+class ChunkStatus(BaseModel):
+    start: int
+    end: int
+    tier: str | None = Field(description="hit: the tier serving it; miss: the tier the reason concerns, if any")
+    reason: str | None = Field(description="why it is not served (None: it is); see docs/operations.md")
+    detail: str
+
+
+class Explained(BaseModel):
+    hit_tokens: int
+    total_tokens: int
+    chunk_size: int
+    miss_tokens: dict[str, int] = Field(description="tokens not served, by reason")
+    chunks: list[ChunkStatus]
+
+
+class RecentRequest(BaseModel):
+    at: float = Field(description="Unix time")
+    op: str
+    model: str
+    tenant: str
+    total_tokens: int
+    hit_tokens: int
+    stored_tokens: int
+    tier_tokens: dict[str, int]
+    miss_tokens: dict[str, int]
+    seconds: float
+
+
+class RecentRequests(BaseModel):
+    requests: list[RecentRequest] = Field(description="newest first")
+
+
+class LabeledValue(BaseModel):
+    labels: dict[str, str]
+    value: float
+
+
+class DashboardData(BaseModel):
+    status: dict[str, Any] = Field(description="as GET /status, without the configuration")
+    metrics: dict[str, list[LabeledValue]] = Field(description="every counter and gauge, by label set")
+    requests: list[RecentRequest] = Field(description="the last requests, newest first")
 
 
 class Prefetched(BaseModel):
@@ -158,6 +217,18 @@ def create_app(service: CacheService, ready: threading.Event) -> ASGIApp:
     )
     app.state.service = service
     admin = [Depends(_authorized)]
+
+    @app.get("/", response_class=HTMLResponse, summary="The dashboard (self-contained HTML; polls /dashboard/data)")
+    def dashboard_page() -> HTMLResponse:
+        return HTMLResponse(dashboard.page(), headers=dashboard.headers())
+
+    @app.get("/dashboard/data", response_model=DashboardData, summary="Everything the dashboard shows, in one poll")
+    def dashboard_data(limit: Annotated[int, Query(ge=1, le=MAX_RECENT)] = 50) -> Any:
+        return {
+            "status": service.status(),
+            "metrics": service.metrics.registry.labeled(),
+            "requests": service.admin.recent_requests(limit),
+        }
 
     @app.get("/healthcheck", response_model=Health, responses={503: {"model": Health}})
     def healthcheck() -> Any:
@@ -215,6 +286,23 @@ def create_app(service: CacheService, ready: threading.Event) -> ASGIApp:
         found = service.admin.lookup_tokens(body.model_dump(exclude_none=True))
         return {"hit_tokens": found.hit_tokens, "total_tokens": found.total_tokens,
                 "tier_tokens": found.tier_tokens, "chunk_size": service.config.chunk_size}  # fmt: skip
+
+    @app.post(
+        "/explain",
+        response_model=Explained,
+        dependencies=admin,  # it also tells whether another tenant cached the same tokens: for the operator only
+        summary="Each chunk of a prompt: the tier serving it, or why none does",
+    )
+    def explain(body: ExplainBody) -> Any:
+        found = service.admin.explain_tokens(body.model_dump(exclude_none=True))
+        chunks = [{"start": c.start, "end": c.end, "tier": c.tier, "reason": c.reason, "detail": c.detail}
+                  for c in found.chunks]  # fmt: skip
+        return {"hit_tokens": found.hit_tokens, "total_tokens": found.total_tokens, "chunks": chunks,
+                "chunk_size": service.config.chunk_size, "miss_tokens": found.miss_tokens}  # fmt: skip
+
+    @app.get("/requests", response_model=RecentRequests, summary="The last requests with their hits and misses")
+    def requests(limit: Annotated[int, Query(ge=1, le=MAX_RECENT)] = 50) -> Any:
+        return {"requests": service.admin.recent_requests(limit)}
 
     @app.post(
         "/prefetch",

@@ -29,7 +29,7 @@ from kvtier.engine.cache_engine import CacheEngine
 from kvtier.errors import ConfigError, KVTierError
 from kvtier.memory.layout import KVLayout
 from kvtier.metrics import CacheMetrics, ServerMetrics
-from kvtier.protocol import Message, ProtocolError, Status, get_field, layout_from_meta
+from kvtier.protocol import Message, ProtocolError, Status, get_field, layout_from_meta, layout_to_meta
 from kvtier.server.admin import AdminActions
 from kvtier.server.key_ops import KeyOps
 from kvtier.server.prompt_ops import PromptOps
@@ -178,9 +178,7 @@ class CacheService:
     def status(self) -> dict[str, Any]:
         tiers = {t.name: vars_of(t.usage()) for t in self.storage.tiers}
         with self._lock:
-            engines = [
-                {"model": m, "layout": lay.descriptor(), "world_size": ws, "rank": r} for m, lay, ws, r in self._engines
-            ]
+            engines = [_engine_entry(*key) for key in self._engines]
         return {
             "server_id": self.server_id,
             "version": __version__,
@@ -209,6 +207,13 @@ class CacheService:
         if self.shm.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.shm.path)
+
+
+def _engine_entry(model: str, layout: KVLayout, world_size: int, rank: int) -> dict[str, Any]:
+    """An engine in ``/status``; ``layout_meta`` is its layout as requests give it (the dashboard's lookup box
+    sends it back to ``/explain``)."""
+    return {"model": model, "layout": layout.descriptor(), "layout_meta": layout_to_meta(layout),
+            "world_size": world_size, "rank": rank}  # fmt: skip
 
 
 def _without_password(url: str) -> str:

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
+from kvtier.diagnosis.history import NO_HISTORY, Event, KeyHistory
 from kvtier.errors import CodecMismatchError, CorruptChunkError, TruncatedChunkError
 from kvtier.memory.layout import KVLayout
 from kvtier.memory.memory_obj import MemoryObj
@@ -48,6 +49,11 @@ class StorageTier(ABC):
     #: The background writer hands this tier consecutive chunks up to this many bytes in one ``put_many``
     #: (a store that sends them in one round trip); 0: one chunk per call, writer threads in parallel.
     write_batch_bytes: int = 0
+    #: Where the tier records what happens to chunks (evicted, refused, corrupt) so a later miss can say why; the
+    #: tiered store gives each of its tiers its own. A tier on its own remembers nothing.
+    history: KeyHistory = NO_HISTORY
+    #: False while the tier cannot answer (a remote store down or timing out): a miss may then be its fault.
+    available: bool = True
 
     @abstractmethod
     def contains(self, key: CacheKey) -> bool:
@@ -143,9 +149,11 @@ def discard_bad_chunk(
     if isinstance(exc, CodecMismatchError):
         log.debug("%s tier: chunk %s: %s", tier.name, key.to_str(), exc)
         metrics.errors.inc(tier=tier.name, kind="codec_mismatch")
+        tier.history.note(key.id, Event.CODEC_MISMATCH, tier.name, str(exc))
         return
     kind = "truncated" if isinstance(exc, TruncatedChunkError) else "corrupt"
     log.warning("%s tier: %s chunk %s: %s", tier.name, kind, key.to_str(), exc)
     metrics.errors.inc(tier=tier.name, kind=kind)
+    tier.history.note(key.id, Event.CORRUPT, tier.name, f"{kind} in {tier.name}")
     if delete:
         tier.delete(key)

@@ -31,6 +31,7 @@ from kvtier.codecs.chunk_format import (
     verify_payload,
 )
 from kvtier.codecs.registry import NAIVE
+from kvtier.diagnosis.history import Event
 from kvtier.errors import CorruptChunkError
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.metrics import CacheMetrics
@@ -112,6 +113,7 @@ class DiskTier(StorageTier):
                 return False
             self._forget(victim)  # type: ignore[arg-type]
             self.metrics.evictions.inc(tier=self.name)
+            self.history.note(victim, Event.EVICTED, self.name)  # type: ignore[arg-type]
         return True
 
     def _forget(self, key_id: bytes) -> None:
@@ -132,6 +134,7 @@ class DiskTier(StorageTier):
                 return False
             if size > self.capacity_bytes or not self._make_room(size):
                 self.metrics.errors.inc(tier=self.name, kind="full")
+                self.history.note(key.id, Event.REFUSED, self.name, "disk tier full (all of it pinned)")
                 return False
             self._reserved += size
             self._writing.add(key.id)

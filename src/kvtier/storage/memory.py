@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Collection, Sequence
 
+from kvtier.diagnosis.history import Event
 from kvtier.memory.layout import KVLayout
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.memory.pool import MemoryPool
@@ -54,6 +55,7 @@ class MemoryTier(StorageTier):
             quota = self.quotas.get(tenant)
             if quota is not None and not self._fit_quota(tenant, obj.nbytes, quota):
                 self.metrics.errors.inc(tier=self.name, kind="quota")
+                self.history.note(key.id, Event.REFUSED, self.name, "over its tenant's memory quota")
                 return False
             self._entries[key] = obj.ref()
             self._tenant_bytes[tenant] = self._tenant_bytes.get(tenant, 0) + obj.nbytes
@@ -65,9 +67,13 @@ class MemoryTier(StorageTier):
             victim = self.policy.victim(lambda k: _tenant(k) == tenant and not self._pins.is_pinned(k))
             if victim is None:
                 return False
-            self._drop(victim)  # type: ignore[arg-type]
-            self.metrics.evictions.inc(tier=self.name)
+            self._evict(victim)  # type: ignore[arg-type]
         return True
+
+    def _evict(self, key: CacheKey) -> None:
+        self._drop(key)
+        self.metrics.evictions.inc(tier=self.name)
+        self.history.note(key.id, Event.EVICTED, self.name)
 
     def _drop(self, key: CacheKey) -> None:
         """Forget ``key`` (already removed from the policy) and release its memory."""
@@ -116,8 +122,7 @@ class MemoryTier(StorageTier):
                 victim = self.policy.victim(self._evictable)
                 if victim is None:
                     return None
-                self._drop(victim)  # type: ignore[arg-type]
-                self.metrics.evictions.inc(tier=self.name)
+                self._evict(victim)  # type: ignore[arg-type]
 
     def _evictable(self, key: CacheKey) -> bool:
         """Unpinned, and held by this tier alone: evicting a chunk a reader or a queued disk write still holds

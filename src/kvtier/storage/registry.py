@@ -124,4 +124,5 @@ def build_storage(config: KVTierConfig, metrics: CacheMetrics, *, shared_memory:
         metrics,
         max_queued_bytes=int(config.max_background_write_size * GiB),
         read_workers=config.read_workers,
+        history_entries=config.miss_history_entries,
     )

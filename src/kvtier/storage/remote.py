@@ -222,6 +222,11 @@ class RemoteTier(StorageTier):
             self._incident_errors = 0
         return result
 
+    @property
+    def available(self) -> bool:  # type: ignore[override]
+        """False from a failed call until the next one succeeds (the breaker may not be open yet)."""
+        return self._incident_errors == 0 and self.breaker.state == "closed"
+
     # -- StorageTier ---------------------------------------------------------------------------------
     def contains(self, key: CacheKey) -> bool:
         return self.contains_many([key])[0]

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from kvtier.diagnosis.history import Event, KeyHistory
+from kvtier.diagnosis.recent import RecentRequests
 from kvtier.memory.layout import KVLayout
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.memory.pool import MemoryPool
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 REMOTE_WRITERS = 4
 # Hit counts kept for admission rules (``admit_after_hits``); beyond this the least recent are forgotten.
 MAX_TRACKED_HITS = 1 << 20
+# Chunks whose last event (stored, evicted, refused, corrupt) is remembered for miss reasons: ~150 bytes each.
+DEFAULT_HISTORY_ENTRIES = 1 << 16
 # A chunk being read: from memory at once, or (a read of several chunks in flight, position in it).
 Pending = MemoryObj | tuple[Future[list[MemoryObj | None]], int] | None
 
@@ -57,12 +61,17 @@ class TieredStorage:
         *,
         max_queued_bytes: int,
         read_workers: int = 4,
+        history_entries: int = DEFAULT_HISTORY_ENTRIES,
     ) -> None:
         self.pool = pool
         self.memory = memory
         self.lower = list(lower)
         self.tiers: list[StorageTier] = ([memory] if memory else []) + self.lower
         self.metrics = metrics
+        self.history = KeyHistory(history_entries)  # what happened to chunks, for miss reasons
+        self.recent = RecentRequests()
+        for tier in self.tiers:
+            tier.history = self.history
         self.writers = {
             t.name: BackgroundWriter(t, max_queued_bytes, metrics, threads=1 if t.is_local else REMOTE_WRITERS)
             for t in self.lower
@@ -196,6 +205,7 @@ class TieredStorage:
         except Exception as exc:
             log.warning("read of %d chunks from %s failed: %s", len(keys), tier.name, exc)
             self.metrics.errors.inc(tier=tier.name, kind="read_failed")
+            self.history.note_many([k.id for k in keys], Event.READ_FAILED, tier.name, f"read failed: {exc}")
             return [None] * len(keys)
 
     def _admit_hits(self, keys: Sequence[CacheKey], objs: Sequence[MemoryObj]) -> None:
@@ -245,8 +255,12 @@ class TieredStorage:
     def submit_lower(self, keys: Sequence[CacheKey], objs: Sequence[MemoryObj]) -> None:
         """Queue chunks for every slower tier that takes them on store (see ``admit_after_hits``)."""
         for writer in self.writers.values():
-            if writer.tier.admit_after_hits == 0:
+            gate = writer.tier.admit_after_hits
+            if gate == 0:
                 writer.submit(keys, objs)
+            else:
+                detail = f"{writer.tier.name} takes a chunk once it has been hit {gate} times"
+                self.history.note_many([k.id for k in keys], Event.NOT_ADMITTED, writer.tier.name, detail)
 
     def affordable_prefix(
         self,
@@ -254,10 +268,11 @@ class TieredStorage:
         tokens: Sequence[int],
         nbytes: Sequence[int],
         recompute_tokens_per_sec: float,
+        count: bool = True,
     ) -> int:
         """How many located chunks are worth reading: a tier's chunks are skipped (and the prefix ends at the
         first of them) when reading them is estimated slower than recomputing their tokens at
-        ``recompute_tokens_per_sec`` (0: always read)."""
+        ``recompute_tokens_per_sec`` (0: always read). ``count``: add the skipped tokens to the metrics."""
         if recompute_tokens_per_sec <= 0:
             return len(sources)
         end = len(sources)
@@ -266,8 +281,9 @@ class TieredStorage:
             fetch = tier.fetch_seconds(sum(nbytes[i] for i in mine))
             if fetch is not None and fetch > sum(tokens[i] for i in mine) / recompute_tokens_per_sec:
                 end = min(end, mine[0])
-        for i in range(end, len(sources)):
-            self.metrics.fetch_skipped_tokens.inc(tokens[i], tier=sources[i].name)
+        if count:
+            for i in range(end, len(sources)):
+                self.metrics.fetch_skipped_tokens.inc(tokens[i], tier=sources[i].name)
         return end
 
     def pin(self, keys: Sequence[CacheKey], sources: Sequence[StorageTier]) -> list[tuple[StorageTier, list[CacheKey]]]:
@@ -314,7 +330,12 @@ class TieredStorage:
 
     def clear(self) -> int:
         self.flush(10.0)
+        self.history.clear()  # a miss after a clear is "never stored", not "evicted"
         return sum(t.clear() for t in self.tiers)
+
+    def unavailable(self) -> list[str]:
+        """Names of the tiers that cannot answer now."""
+        return [t.name for t in self.tiers if not t.available]
 
     def close(self) -> None:
         for writer in self.writers.values():

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+from kvtier.diagnosis.history import Event
 from kvtier.memory.memory_obj import MemoryObj
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.base import StorageTier
@@ -50,6 +51,7 @@ class BackgroundWriter:
                     continue
                 if self.queued_bytes + obj.nbytes > self.max_queued_bytes:
                     self.metrics.errors.inc(tier=self.tier.name, kind="write_dropped")
+                    self.tier.history.note(key.id, Event.REFUSED, self.tier.name, "write queue full")
                     continue
                 self._queue.append((key, obj.ref()))
                 self._queued_ids.add(key.id)
@@ -90,6 +92,7 @@ class BackgroundWriter:
                 return
             log.warning("background write to %s failed: %s", self.tier.name, exc)
             self.metrics.errors.inc(tier=self.tier.name, kind="write_failed")
+            self.tier.history.note(batch[0][0].id, Event.REFUSED, self.tier.name, f"write failed: {exc}")
 
     def _take_batch(self) -> list[tuple[CacheKey, MemoryObj]]:
         """The next queued chunks up to the tier's ``write_batch_bytes`` together (at least one): small chunks go

@@ -90,7 +90,8 @@ def abort(llm: Any, phase: dict[str, Any]) -> dict[str, Any]:
 def connector_state(llm: Any) -> dict[str, Any]:
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     side = scheduler.connector._scheduler
-    return {"hits": len(side._hits), "admitted": len(side._admitted), "requests": len(scheduler.requests)}
+    held = sum(map(len, (side._admitted, side._expected, side._handoffs, side._due_loads)))
+    return {"hits": len(side._matches), "admitted": held, "requests": len(scheduler.requests)}
 
 
 def main() -> None:

@@ -137,6 +137,17 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Run:
     return run_driver(tmp, spec([gen("generate", GENERATE), gen("preempt", PREEMPT, 20)]))
 
 
+OFF_STEP = {"async_store": True, "enable_async_loading": True}
+
+
+def assert_off_step(run: Run) -> None:
+    """Loads (and, when something was new, stores) ran off vLLM's step, and nothing is held once idle."""
+    assert re.search(r"Retrieved [1-9]\d* of \d+ prompt tokens .* \(off the step\)", run.log), run.retrieved()
+    stores = re.findall(r"request \S+: Stored [1-9]\d* tokens .*", run.log)  # the connector's lines
+    assert all(line.endswith("(off the step)") for line in stores), stores
+    assert run.results["state"] == {"hits": 0, "admitted": 0, "requests": 0}
+
+
 def in_process_extra(disk: Path) -> dict[str, Any]:
     return {"chunk_size": CHUNK, "max_local_cpu_size": 0.5, "local_disk": str(disk), "max_local_disk_size": 1}
 
@@ -165,17 +176,20 @@ def test_in_process_store_hit_abort_preempt_then_restart_with_a_corrupt_chunk(re
     assert (511, 512) in hits  # a full hit leaves the last prompt token to vLLM
     assert (640, 760) in hits  # a preempted request resumed from the chunks it stored
 
-    # vLLM restart: the memory tier is gone, chunks come back from disk; every other chunk file is corrupted.
+    # vLLM restart: the memory tier is gone, chunks come back from disk; every other chunk file is corrupted. This
+    # vLLM loads and stores off its step: failed loads are reported from the load thread.
     chunk_files = sorted(p for p in disk.rglob("*") if p.is_file() and p.stat().st_size > 1 << 20)
     assert len(chunk_files) >= 20
     for path in chunk_files[::2]:
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
-    second = run_driver(tmp_path, spec([gen("restart", GENERATE)], in_process_extra(disk)))
+    off_step = {**in_process_extra(disk), **OFF_STEP}
+    second = run_driver(tmp_path, spec([gen("restart", GENERATE), {"name": "state", "state": True}], off_step))
     assert second.tokens("restart") == reference.tokens("generate")
     assert "failed: vLLM recomputes them" in second.log, second.retrieved()
     assert any(loaded > 0 for loaded, _ in second.retrieved()), second.retrieved()
+    assert_off_step(second)
 
 
 def test_server_mode_shared_by_restarts_and_survives_server_outage(reference: Run, tmp_path: Path) -> None:
@@ -213,10 +227,12 @@ def test_server_mode_shared_by_restarts_and_survives_server_outage(reference: Ru
         assert first.results["state"] == {"hits": 0, "admitted": 0, "requests": 0}
         assert (640, 700) in first.retrieved()  # after the server came back
 
-        # Another vLLM process (a restart, or a second instance) shares the server's cache.
-        second = run_driver(tmp_path, spec([gen("shared", GENERATE)], extra))
+        # Another vLLM process (a restart, or a second instance) shares the server's cache, off its step.
+        second = run_driver(tmp_path, spec([gen("shared", GENERATE), {"name": "state", "state": True}],
+                                           {**extra, **OFF_STEP}))  # fmt: skip
         assert second.tokens("shared") == reference.tokens("generate")
         assert {(640, 700), (511, 512)} <= set(second.retrieved())
+        assert_off_step(second)
     finally:
         for server in servers:
             server.stop()

@@ -174,6 +174,12 @@ def cache_salt(request: Request) -> str:
     return salt
 
 
+def transfer_params(request: Request) -> dict[str, Any]:
+    """The request's ``kv_transfer_params`` (a disaggregation proxy's: see ``docs/disaggregation.md``), or {}."""
+    params = request.kv_transfer_params
+    return params if isinstance(params, dict) else {}
+
+
 def computed_before_step(scheduler_output: SchedulerOutput) -> dict[str, int]:
     """For every request scheduled in this step, the tokens already computed (or loaded) before it."""
     computed = {new.req_id: new.num_computed_tokens for new in scheduler_output.scheduled_new_reqs}

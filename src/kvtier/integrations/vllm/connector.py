@@ -2,8 +2,9 @@
 
 vLLM creates one instance in its scheduler process (role SCHEDULER: lookups and the per-step plan) and one
 in each worker process (role WORKER: the KV copies). Everything the worker needs travels in
-:class:`~kvtier.integrations.vllm.metadata.KVTierConnectorMetadata`. Loads are synchronous, before the
-forward; stores are synchronous, after the forward that completes a prompt. Load with::
+:class:`~kvtier.integrations.vllm.metadata.KVTierConnectorMetadata`. Loads run before the forward, stores after
+the forward that completes a prompt: in the step, or off it (``enable_async_loading``, ``async_store``: see
+:mod:`kvtier.integrations.vllm.transfers`). Load with::
 
     --kv-transfer-config '{"kv_connector": "KVTierConnector", "kv_connector_module_path":
         "kvtier.integrations.vllm", "kv_role": "kv_both", "kv_connector_extra_config": {"chunk_size": 256}}'
@@ -157,7 +158,7 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None
-        return self._scheduler.num_new_matched_tokens(request, num_computed_tokens), False
+        return self._scheduler.num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         assert self._scheduler is not None
@@ -169,8 +170,7 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
-        self._scheduler.finished(request)
-        return False, None  # stores are synchronous: vLLM may free the blocks now
+        return self._scheduler.finished(request)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -187,6 +187,11 @@ class KVTierConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVTierConnectorMetadata)
         self._worker.load(meta)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self._worker is None:
+            return None, None
+        return None, self._worker.finished_loads() or None  # stores free their blocks in the step
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv loaded every layer already

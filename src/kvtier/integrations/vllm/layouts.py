@@ -182,8 +182,13 @@ class PagedTransfer:
         self.host = HostBuffer(paged.dtype, pin=self.on_cuda)
         self.stream = torch.cuda.Stream(device=paged.device) if self.on_cuda else None
 
-    def host_tensor(self, num_tokens: int) -> torch.Tensor:
-        return self.host.tensor(self.paged.staging_shape(num_tokens))
+    def host_tensor(self, num_tokens: int, buffer: HostBuffer | None = None) -> torch.Tensor:
+        """A host tensor for ``num_tokens`` tokens of KV, over ``buffer`` (default: this transfer's own)."""
+        return (buffer or self.host).tensor(self.paged.staging_shape(num_tokens))
+
+    def new_host_buffer(self) -> HostBuffer:
+        """A host buffer of its own (for KV that outlives the next transfer), like this transfer's."""
+        return HostBuffer(self.paged.dtype, pin=self.on_cuda)
 
     def gather_to_host(self, slots: torch.Tensor, host: torch.Tensor, start: int) -> None:
         """Fill tokens ``[start, start + len(slots))`` of ``host`` (see :meth:`host_tensor`) with the KV of

@@ -39,6 +39,7 @@ class LoadOp:
     num_prompt_tokens: int
     blend: bool = False
     segments: tuple[SegmentHit, ...] = ()
+    background: bool = False  # loaded off the step: the request waits in vLLM until the worker reports it done
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +55,11 @@ class StoreOp:
     cache_salt: str
     prefix_end: int
     segments: tuple[SegmentHit, ...] = ()
+    background: bool = False  # written off the step (copied out of the blocks in it)
 
 
 @dataclass
 class KVTierConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadOp] = field(default_factory=list)
     stores: list[StoreOp] = field(default_factory=list)
+    idle: bool = False  # nothing is scheduled in this step
