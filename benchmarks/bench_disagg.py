@@ -52,10 +52,11 @@ def first_token_seconds(url: str, tokens: list[int]) -> tuple[float, httpx.Heade
     started = time.perf_counter()
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as reply:
         reply.raise_for_status()
-        for line in reply.iter_lines():
+        lines = reply.iter_lines()
+        for line in lines:
             if line.startswith("data: ") and '"text"' in line:
                 elapsed = time.perf_counter() - started
-                for _ in reply.iter_lines():  # read the rest: the next request starts on an idle engine
+                for _ in lines:  # read the rest: the next request starts on an idle engine
                     pass
                 return elapsed, reply.headers
     raise RuntimeError("the stream ended without a token")
