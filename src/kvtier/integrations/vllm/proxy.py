@@ -2,8 +2,9 @@
 
 Each generation request (``POST /v1/completions``, ``/v1/chat/completions``) goes first to a prefiller, a vLLM
 whose kvtier connector has ``kv_role`` ``kv_producer``, for one output token and not streamed: the prefiller computes
-the prompt and its connector stores the prompt's KV in the kvtier server before it answers. Then the client's
-request goes to a decoder (``kv_consumer``), which loads that KV instead of computing it and generates; the
+the prompt and its connector stores the prompt's KV in the kvtier server (during or just after its answer, which
+then says how much of the prompt the cache will hold). Then the client's request goes to a decoder
+(``kv_consumer``), which waits for and loads that KV instead of computing it and generates; the
 decoder's reply (status, body, SSE stream as it comes) is the client's. The prefill request carries
 ``"kv_transfer_params": {"do_remote_decode": true}`` (vLLM's convention) and whatever ``kv_transfer_params`` object
 the prefiller's reply holds goes, unchanged, into the decoder's request: the proxy never looks inside it.
