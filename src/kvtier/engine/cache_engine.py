@@ -8,7 +8,6 @@ from slower tiers) and copies it out. See ``docs/architecture.md`` for a walk th
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections import Counter
@@ -39,7 +38,7 @@ from kvtier.memory.memory_obj import MemoryObj
 from kvtier.metrics import CacheMetrics
 from kvtier.storage.base import StorageTier
 from kvtier.storage.registry import build_storage
-from kvtier.storage.tiered import TieredStorage
+from kvtier.storage.tiered import TieredStorage, located_prefix
 from kvtier.tokens.chunking import Chunk, Chunker
 from kvtier.tokens.hashing import HASH_SCHEME, chained_hashes, token_bytes
 from kvtier.tokens.keys import CacheKey, Namespace
@@ -218,7 +217,7 @@ class CacheEngine:
         ``count``: count the tokens the cost model skips in the metrics."""
         ask_remote = not reading or self.config.recompute_tokens_per_sec > 0
         found = self.storage.find(keys, ask_remote=ask_remote)
-        located = list(itertools.takewhile(lambda tier: tier is not None, found))
+        located = located_prefix(found)
         if self.config.recompute_tokens_per_sec > 0:  # the cost model: how much of the prefix is worth reading
             end = self.storage.affordable_prefix(
                 located,
@@ -228,7 +227,7 @@ class CacheEngine:
                 count,
             )
             located = located[:end]
-        return Located(located, found, ask_remote)  # type: ignore[arg-type]
+        return Located(located, found, ask_remote)
 
     def _misses(
         self,

@@ -8,6 +8,7 @@ stores into memory synchronously and into every slower tier in the background.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import OrderedDict
@@ -100,12 +101,7 @@ class TieredStorage:
         ``ask_remote=False`` (for a read that follows at once): keys no local tier holds are assigned to the first
         remote tier without asking it; the read then finds out, and ends the prefix at its first miss. A read of a
         missing value answers as fast as an existence check, so a retrieve costs one round trip, not two."""
-        prefix: list[StorageTier] = []
-        for tier in self.find(keys, ask_remote=ask_remote):
-            if tier is None:
-                break
-            prefix.append(tier)
-        return prefix
+        return located_prefix(self.find(keys, ask_remote=ask_remote))
 
     def find(self, keys: Sequence[CacheKey], *, ask_remote: bool = True) -> list[StorageTier | None]:
         """For each key, the first (fastest) tier holding it, or None (see :meth:`locate` for ``ask_remote``)."""
@@ -344,6 +340,11 @@ class TieredStorage:
         for tier in self.tiers:
             tier.close()
         self.pool.close()
+
+
+def located_prefix(found: Sequence[StorageTier | None]) -> list[StorageTier]:
+    """The tiers of :meth:`TieredStorage.find`'s answer up to its first key no tier holds."""
+    return list(itertools.takewhile(lambda tier: tier is not None, found))  # type: ignore[arg-type]
 
 
 def _resolve(item: Pending) -> MemoryObj | None:

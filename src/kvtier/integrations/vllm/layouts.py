@@ -179,7 +179,7 @@ class PagedTransfer:
     def __init__(self, paged: PagedKV) -> None:
         self.paged = paged
         self.on_cuda = paged.device.type == "cuda"
-        self.host = HostBuffer(paged.dtype, pin=self.on_cuda)
+        self.host = self.new_host_buffer()
         self.stream = torch.cuda.Stream(device=paged.device) if self.on_cuda else None
 
     def host_tensor(self, num_tokens: int, buffer: HostBuffer | None = None) -> torch.Tensor:
