@@ -148,7 +148,7 @@ def test_unknown_yaml_key(tmp_path):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("key", ["use_layerwise", "save_decode_cache", "enable_pd"])
+@pytest.mark.parametrize("key", ["use_layerwise", "enable_p2p", "enable_pd"])
 def test_unsupported_lmcache_key(tmp_path, key):
     """LMCache options kvtier lacks are rejected with 'not supported', not 'unknown', when turned on."""
     path = write_yaml(tmp_path, f"{key}: true\n")

@@ -52,7 +52,6 @@ LMCACHE_INERT_OPTIONS: dict[str, Any] = {
     "local_disk_path_sharding": ANY,  # one disk tier per engine: no sharding to choose
     "numa_mode": None,
     "pre_caching_hash_algorithm": ANY,  # kvtier always hashes with BLAKE2b, stable across processes
-    "save_decode_cache": False,
     "use_layerwise": False,
 }
 
@@ -194,6 +193,9 @@ class KVTierConfig:
     waits for a store."""
     enable_async_loading: bool = False
     """vLLM: load cached KV off the engine step (the request waits in vLLM while other requests run); LMCache's key."""
+    save_decode_cache: bool = False
+    """vLLM: when a request finishes, also store the KV of the tokens it generated (whole chunks of prompt + output),
+    so a conversation's next turn, which repeats the answer, reuses it too; LMCache's key."""
     handoff_timeout_sec: float = 10.0
     """vLLM, disaggregated: how long a decoder waits for the KV its prefiller said it stored (``kv_transfer_params``)
     to be in the cache before it computes the prompt itself."""

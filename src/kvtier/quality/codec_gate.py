@@ -1,10 +1,10 @@
 """Measuring a lossy codec on a real model: what ``kvtier codec-gate`` records (``kvtier.codecs.gate``).
 
-Each prompt of a fixed set runs three times through :class:`CachedCausalLM` over an engine whose only storage is
-a disk tier encoding with the codec: without the cache (exact KV), once to store its KV (encoded on the way to
-disk), and once more from the cache (the prompt's KV decoded from disk, only its last tokens computed). Greedy
-decoding from the decoded KV is compared with decoding from exact KV: the first token's distribution (KL
-divergence) and how many generated tokens agree before the first difference.
+Each prompt of a fixed set runs twice through :class:`CachedCausalLM` over an engine whose only storage is a disk
+tier encoding with the codec: once computed (exact KV, stored encoded on its way to disk) and once from the cache
+(the prompt's KV decoded from disk, only its last tokens computed). Greedy decoding from the decoded KV is compared
+with decoding from exact KV: the next-token distributions along exact KV's output (KL divergence, top-1), and how
+many free-running generated tokens agree before the first difference.
 """
 
 from __future__ import annotations
@@ -77,11 +77,13 @@ def measure(model: Any, tokenizer: Any, codec_name: str, model_name: str, *, pro
 
 
 def _measure_prompt(lm: CachedCausalLM, engine: Any, ids: list[int], new_tokens: int) -> PromptResult:
-    # Exact KV's greedy output, past any end of turn (more positions to compare than a short answer has)
-    output = lm.generate(ids, new_tokens, use_cache=False, eos_token_id=NEVER).token_ids
-    lm.prefill(ids)  # stores the prompt's chunks, encoded on their way to disk
+    exact_prefill = lm.prefill(ids)  # a miss: exact KV, computed; stored encoded on its way to disk
+    if exact_prefill.reused_tokens:
+        raise RuntimeError("the codec gate's prompt was cached before it was measured")
     engine.flush(60)
-    exact = _teacher_forced(lm, lm.prefill(ids, use_cache=False), output)
+    # Exact KV's greedy output, past any end of turn (more positions to compare than a short answer has), and
+    # its next-token logits at each position: the teacher-forced reference, from the same forward passes.
+    output, exact = _greedy(lm, exact_prefill, new_tokens)
     cached_prefill = lm.prefill(ids)
     if cached_prefill.reused_tokens == 0:
         raise RuntimeError("the codec gate's prompt was not served from the cache")
@@ -90,6 +92,20 @@ def _measure_prompt(lm: CachedCausalLM, engine: Any, ids: list[int], new_tokens:
     top1 = sum(int(e.argmax() == d.argmax()) for e, d in zip(exact, decoded, strict=True)) / len(output)
     greedy = lm.generate(ids, new_tokens, eos_token_id=NEVER).token_ids  # free-running from decoded KV
     return PromptResult(kls[0], _mean(kls), top1, _agreeing(output, greedy) / len(output), cached_prefill.reused_tokens)
+
+
+def _greedy(lm: CachedCausalLM, prefill: Any, new_tokens: int) -> tuple[list[int], list[Any]]:
+    """``new_tokens`` greedy tokens after ``prefill``'s prompt, and the next-token logits each was chosen from."""
+    import torch
+
+    logits, tokens = [prefill.logits], []
+    with torch.no_grad():
+        while True:
+            tokens.append(int(logits[-1].argmax()))
+            if len(tokens) == new_tokens:
+                return tokens, logits
+            step = torch.tensor([tokens[-1:]], dtype=torch.long, device=lm.device)
+            logits.append(lm.model(input_ids=step, past_key_values=prefill.cache, use_cache=True).logits[0, -1].float())
 
 
 def _teacher_forced(lm: CachedCausalLM, prefill: Any, output: list[int]) -> list[Any]:

@@ -1,7 +1,7 @@
 """Blending through KVTierConnector in the real vLLM engine (SmolLM2-135M fp32 on the CPU): documents cached as
 segments by one prompt are reused in another order by the next. At recompute ratio 1 the blended KV is a full
-prefill's, so vLLM's greedy output must equal its output without kvtier; at the default ratio it must run,
-reuse the segments and store no blended KV as a prefix."""
+prefill's, so vLLM's greedy output must equal its output computing the prompt whole; at the default ratio it must
+run, reuse the segments and store no blended KV as a prefix."""
 
 from __future__ import annotations
 
@@ -58,12 +58,16 @@ def blending_extra(disk: Path, ratio: float) -> dict[str, Any]:
 
 
 def test_blending_in_vllm_reuses_reordered_documents(tmp_path: Path) -> None:
-    reference = run_driver(tmp_path, spec([gen("reordered", [REORDERED], 8)]))
+    # The reference: the reordered prompt under a cache_salt nothing was stored under, computed whole (a miss).
+    reference = {**gen("reference", [REORDERED], 8), "cache_salt": "nothing-cached"}
     full = run_driver(
         tmp_path,
-        spec([gen("first", [FIRST], 8), gen("reordered", [REORDERED], 8)], blending_extra(tmp_path / "a", 1.0)),
+        spec(
+            [reference, gen("first", [FIRST], 8), gen("reordered", [REORDERED], 8)], blending_extra(tmp_path / "a", 1.0)
+        ),
     )
-    assert full.tokens("reordered") == reference.tokens("reordered")
+    assert full.tokens("reordered") == full.tokens("reference")
+    assert not re.search(r"Retrieved [1-9]", full.log.split('"phase": "reference"')[0])  # it was computed
     assert re.search(r"Retrieved \d+ tokens \([^)]*3 segments, \d+ recomputed\), blended", full.log), full.log[-3000:]
     partial = run_driver(
         tmp_path,

@@ -134,17 +134,21 @@ def run_driver(tmp_path: Path, spec_: dict[str, Any], on_pause: Callable[[str], 
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Run:
     """vLLM without a connector: the expected greedy tokens."""
     tmp = tmp_path_factory.mktemp("reference")
-    return run_driver(tmp, spec([gen("generate", GENERATE), gen("preempt", PREEMPT, 20)]))
+    return run_driver(tmp, spec([gen("generate", GENERATE), gen("preempt", PREEMPT, 20), *CONVERSATION]))
 
 
 OFF_STEP = {"async_store": True, "enable_async_loading": True}
+# Two turns: a 370-token prompt and a 20-token answer, then the prompt + the answer + a new question. With
+# save_decode_cache the answer's KV is stored when the first turn ends: the chunk [256, 384) the prompt alone
+# could not fill.
+CONVERSATION = [gen("turn-1", [prompt(370, 4)], 20), {"name": "turn-2", "follow_up": "turn-1", "append": P512[:20]}]
 
 
 def assert_off_step(run: Run) -> None:
     """Loads (and, when something was new, stores) ran off vLLM's step, and nothing is held once idle."""
     assert re.search(r"Retrieved [1-9]\d* of \d+ prompt tokens .* \(off the step\)", run.log), run.retrieved()
     stores = re.findall(r"request \S+: Stored [1-9]\d* tokens .*", run.log)  # the connector's lines
-    assert all(line.endswith("(off the step)") for line in stores), stores
+    assert all(re.search(r"\(off the step; [\d.]+ ms in it\)$", line) for line in stores), stores
     assert run.results["state"] == {"hits": 0, "admitted": 0, "requests": 0}
 
 
@@ -162,19 +166,23 @@ def test_in_process_store_hit_abort_preempt_then_restart_with_a_corrupt_chunk(re
                 gen("hit", GENERATE),  # same process: from the memory tier
                 {"name": "abort", "abort": [prompt(900, 20), P700], "steps": 1},
                 gen("preempt", PREEMPT, 20),
+                *CONVERSATION,  # save_decode_cache: what turn-1 generates is stored when it ends
                 {"name": "state", "state": True},
             ],
-            in_process_extra(disk),
+            {**in_process_extra(disk), "save_decode_cache": True},
         ),
     )
     assert first.tokens("store") == reference.tokens("generate")
     assert first.tokens("hit") == reference.tokens("generate")
     assert first.tokens("preempt") == reference.tokens("preempt")
-    assert first.results["state"] == {"hits": 0, "admitted": 0, "requests": 0}
+    assert first.tokens("turn-2") == reference.tokens("turn-2")
+    assert re.search(r"Stored 128 tokens \(256 already cached\) of a 389-token prompt and output", first.log)
+    assert first.results["state"] == {"hits": 0, "admitted": 0, "requests": 0}  # turn-1's blocks are back
     hits = first.retrieved()
     assert (640, 700) in hits and (256, 300) in hits  # 5 chunks of P700; 2 of P300
     assert (511, 512) in hits  # a full hit leaves the last prompt token to vLLM
     assert (640, 760) in hits  # a preempted request resumed from the chunks it stored
+    assert (384, 410) in hits  # turn-2: 256 of the prompt, 128 of prompt and answer
 
     # vLLM restart: the memory tier is gone, chunks come back from disk; every other chunk file is corrupted. This
     # vLLM loads and stores off its step: failed loads are reported from the load thread.

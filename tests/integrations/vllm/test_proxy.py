@@ -25,6 +25,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvtier.integrations.models import is_prepared
 from kvtier.integrations.vllm.proxy import CHAT, COMPLETIONS, Proxy, server_config
@@ -382,6 +383,14 @@ def chat(url: str, system: str) -> httpx.Response:
     return reply
 
 
+def prompt_tokens_by_source(url: str) -> dict[str, float]:
+    """vLLM's count of prompt tokens computed (``local_compute``), from its prefix cache, and loaded by kvtier
+    (``external_kv_transfer``), from its /metrics."""
+    text = httpx.get(url + "/metrics").text
+    (family,) = (f for f in text_string_to_metric_families(text) if f.name == "vllm:prompt_tokens_by_source")
+    return {s.labels["source"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+
 def document(k: int) -> str:
     """A long text of its own for prompt ``k`` (its first words differ, so its chunks share no hash)."""
     words = ["lamp", "key", "map", "coin", "book", "ring"]
@@ -427,6 +436,7 @@ def test_disaggregated_serving_end_to_end(tmp_path: Path) -> None:
 
         # Through the proxy: the prefiller computes and stores each prompt, the decoder loads its whole chunks.
         hits_before = server.status()["metrics"]["kvtier_retrieve_hit_tokens_total"]
+        decoder_before = prompt_tokens_by_source(urls["decoder"])
         proxied = []
         for prompt in prompts:
             reply = complete(urls["proxy"], prompt)
@@ -435,6 +445,12 @@ def test_disaggregated_serving_end_to_end(tmp_path: Path) -> None:
             print(f"{len(prompt)} tokens: prefill {float(reply.headers['x-kvtier-prefill-seconds']):.2f} s")
         hits = server.status()["metrics"]["kvtier_retrieve_hit_tokens_total"] - hits_before
         assert hits >= sum(n // CHUNK_SIZE * CHUNK_SIZE for n in PROMPT_TOKENS)  # only the decoder retrieves
+        # The decoder loads every whole chunk and computes only each prompt's last partial chunk.
+        decoder = prompt_tokens_by_source(urls["decoder"])
+        computed = decoder["local_compute"] - decoder_before["local_compute"]
+        loaded = decoder["external_kv_transfer"] - decoder_before["external_kv_transfer"]
+        whole_chunks = sum(n // CHUNK_SIZE * CHUNK_SIZE for n in PROMPT_TOKENS)
+        assert (computed, loaded) == (sum(n % CHUNK_SIZE for n in PROMPT_TOKENS), whole_chunks), decoder
 
         # The same model, greedy: the prefiller asked directly gives the same text.
         direct = [complete(urls["prefiller"], prompt).json()["choices"][0]["text"] for prompt in prompts]
@@ -462,7 +478,7 @@ def test_disaggregated_serving_end_to_end(tmp_path: Path) -> None:
         params = httpx.post(urls["prefiller"] + COMPLETIONS, json=handoff, timeout=300).json()["kv_transfer_params"]
         assert params == {"kvtier": {"cached_tokens": PROMPT_TOKENS[0] // CHUNK_SIZE * CHUNK_SIZE}}
         assert "did not arrive" not in vllms["decoder"].tail(10**6)  # no hand-off timed out
-        assert "(off the step)" in vllms["prefiller"].tail(10**6)
+        assert "(off the step; " in vllms["prefiller"].tail(10**6)
 
         # Without the prefiller the decoder alone answers, computing what kvtier lacks.
         vllms["prefiller"].stop()

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed")
 
 from vllm import SamplingParams
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
 from kvtier import load_config
 from kvtier.integrations.vllm.scheduler import INLINE_LOOKUP_SEC, SchedulerSide
@@ -70,7 +70,7 @@ def test_a_request_finished_while_its_lookup_runs_leaves_nothing_behind() -> Non
     side = scheduler(lambda tokens, salt, segment: release.wait(10) and 256)
     req = request("gone", 300)
     assert side.num_new_matched_tokens(req, 0) == (None, False)
-    assert side.finished(req) == (False, None)  # aborted before vLLM asked again
+    assert side.finished(req, []) == (False, None)  # aborted before vLLM asked again
     release.set()
     assert not side._pending and not side._matches and not side._admitted
     side.close()
@@ -131,6 +131,21 @@ def test_asynchronous_loading_is_asked_for_hits_only() -> None:
     side.close()
 
 
+def test_the_allocation_after_an_off_step_load_keeps_what_the_admission_knew() -> None:
+    """vLLM allocates again for a request whose off-step load is done, without asking for matched tokens: the
+    request is not new (no second count, no store of what the cache has)."""
+    side = scheduler(lambda tokens, salt, segment: 256, enable_async_loading=True, save_decode_cache=True)
+    req = request("parked", 700)
+    assert side.num_new_matched_tokens(req, 0) == (256, True)
+    side.after_alloc(req, 256)
+    req.num_computed_tokens = 256  # the load is done: vLLM schedules the rest
+    side.after_alloc(req, 0)
+    admitted = side._admitted["parked"]
+    assert (admitted.hit.prefix, admitted.store, side.metrics.requests.total()) == (256, True, 1)
+    assert side._decode_from["parked"] == 640  # where its prompt's store ends
+    side.close()
+
+
 def test_a_decoder_waits_for_the_kv_its_prefiller_stored_then_loads_it() -> None:
     """The prefiller said 256 tokens are stored; the cache has none yet (its store runs off its step): "not yet",
     asked again, until they are there."""
@@ -172,9 +187,47 @@ def test_a_prefiller_tells_the_proxy_how_much_of_the_prompt_the_cache_will_hold(
     req = handed_off("prefill", 300, {"do_remote_decode": True})
     assert side.num_new_matched_tokens(req, 0) == (0, False)
     side.after_alloc(req, 0)
-    assert side.finished(req) == (False, {"kvtier": {"cached_tokens": 256}})
+    assert side.finished(req, []) == (False, {"kvtier": {"cached_tokens": 256}})
     plain = request("plain", 300)  # no proxy asked: no parameters in the answer
     side.num_new_matched_tokens(plain, 0)
     side.after_alloc(plain, 0)
-    assert side.finished(plain) == (False, None)
+    assert side.finished(plain, []) == (False, None)
+    side.close()
+
+
+def generated(req: Request, num_output: int, status: RequestStatus) -> Request:
+    """``req`` after it generated ``num_output`` tokens and ended with ``status``."""
+    req.append_output_token_ids(list(range(10_000, 10_000 + num_output)))
+    req.num_computed_tokens = req.num_tokens - 1  # the last sampled token never went through the model
+    req.status = status
+    return req
+
+
+def test_save_decode_cache_stores_a_finished_requests_output_and_holds_its_blocks_until_copied() -> None:
+    side = scheduler(lambda tokens, salt, segment: 0, save_decode_cache=True)
+    req = request("turn", 300)
+    side.num_new_matched_tokens(req, 0)
+    side.after_alloc(req, 0)  # the prompt's own store covers its 2 whole chunks: [0, 256)
+    assert side.finished(generated(req, 100, RequestStatus.FINISHED_LENGTH_CAPPED), [1, 2, 3, 4]) == (True, None)
+    (op,) = side._decode_stores
+    assert (op.skip, op.prefix_end, len(op.tokens), op.holds_blocks) == (256, 384, 399, True)
+    assert op.tokens[300] == 10_000 and op.block_ids == [1, 2, 3, 4]
+    assert not side._decode_from  # nothing else is kept for the request
+
+    for status, num_output in ((RequestStatus.FINISHED_ABORTED, 100), (RequestStatus.FINISHED_STOPPED, 50)):
+        other = request(f"other-{status}", 300)  # aborted; or its output ends inside the prompt's last chunk
+        side.num_new_matched_tokens(other, 0)
+        side.after_alloc(other, 0)
+        assert side.finished(generated(other, num_output, status), [5]) == (False, None)
+    assert len(side._decode_stores) == 1
+    side.close()
+
+
+def test_without_save_decode_cache_a_finished_request_frees_its_blocks() -> None:
+    side = scheduler(lambda tokens, salt, segment: 0)
+    req = request("turn", 300)
+    side.num_new_matched_tokens(req, 0)
+    side.after_alloc(req, 0)
+    assert side.finished(generated(req, 100, RequestStatus.FINISHED_STOPPED), [1]) == (False, None)
+    assert not side._decode_stores
     side.close()

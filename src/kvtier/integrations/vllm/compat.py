@@ -166,6 +166,18 @@ def prompt_tokens(request: Request) -> list[int] | None:
     return list(request.prompt_token_ids)
 
 
+def generated_kv_tokens(request: Request) -> list[int] | None:
+    """A request that ended normally (stop, length, repetition; not aborted or failed): its prompt and output
+    tokens whose KV is in its blocks (all but the last sampled token, never run through the model). None
+    otherwise."""
+    from vllm.v1.request import RequestStatus
+
+    ended = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_REPETITION)
+    if request.status not in ended:
+        return None
+    return list(request.all_token_ids[: min(request.num_computed_tokens, request.num_tokens - 1)])
+
+
 def cache_salt(request: Request) -> str:
     """vLLM's per-request ``cache_salt`` (tenant isolation), plus the LoRA adapter: its KV differs."""
     salt = request.cache_salt or ""

@@ -170,7 +170,7 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
-        return self._scheduler.finished(request)
+        return self._scheduler.finished(request, block_ids)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -191,7 +191,8 @@ class KVTierConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self._worker is None:
             return None, None
-        return None, self._worker.finished_loads() or None  # stores free their blocks in the step
+        # A prompt's store copies out of the blocks in its step; only decode stores hold a finished request's.
+        return self._worker.finished_stores() or None, self._worker.finished_loads() or None
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv loaded every layer already

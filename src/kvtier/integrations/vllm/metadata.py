@@ -46,7 +46,8 @@ class LoadOp:
 class StoreOp:
     """Store a prompt's KV (computed by the end of this step) from the request's blocks: its chunks
     ``tokens[skip:prefix_end]`` (``skip`` chunk-aligned tokens are cached already; past ``prefix_end`` the KV is
-    blended, an approximation never stored as a prefix), and its ``segments`` that the cache lacked."""
+    blended, an approximation never stored as a prefix), and its ``segments`` that the cache lacked. With
+    ``holds_blocks`` (``save_decode_cache``) the op is a finished request's: ``tokens`` are its prompt and output."""
 
     req_id: str
     tokens: list[int]
@@ -56,6 +57,7 @@ class StoreOp:
     prefix_end: int
     segments: tuple[SegmentHit, ...] = ()
     background: bool = False  # written off the step (copied out of the blocks in it)
+    holds_blocks: bool = False  # a finished request's (decode KV): vLLM frees its blocks once reported copied
 
 
 @dataclass

@@ -92,6 +92,7 @@ class SchedulerSide:
         self.async_store = config.async_store
         self.async_loading = config.enable_async_loading
         self.handoff_timeout_sec = config.handoff_timeout_sec
+        self.save_decode = config.save_decode_cache and can_save
         self.metrics = metrics
         # All are emptied by request_finished; _matches also by update_state_after_alloc.
         self._matches: dict[str, _Match] = {}
@@ -101,6 +102,8 @@ class SchedulerSide:
         self._expected: dict[str, int] = {}  # tokens a producer's request will have in the cache once stored
         self._handoffs: dict[str, float] = {}  # a decoder's request waiting for its prefiller's KV: the deadline
         self._retry_at: dict[str, float] = {}
+        self._decode_from: dict[str, int] = {}  # save_decode_cache: where a request's decode store starts
+        self._decode_stores: list[StoreOp] = []  # finished requests' stores, for the next step's worker
         self._lookups = ThreadPoolExecutor(2, thread_name_prefix="kvtier-lookup")
 
     def num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -175,7 +178,10 @@ class SchedulerSide:
         return Hit(prefix, tuple(found))
 
     def after_alloc(self, request: Request, num_external_tokens: int) -> None:
-        match = self._matches.pop(request.request_id, _Match(Hit(0), 0, False))
+        match = self._matches.pop(request.request_id, None)
+        if match is None and request.request_id in self._admitted:
+            return  # vLLM allocates again once an off-step load is done, without a lookup: it is admitted already
+        match = match or _Match(Hit(0), 0, False)
         hit = match.hit
         tokens = compat.prompt_tokens(request)
         if tokens is None:
@@ -188,6 +194,8 @@ class SchedulerSide:
         store = self.can_save and (self._prefix_end(tokens, hit, blend) > self._aligned(hit.prefix) or missing)
         if self.can_save:
             self._expected[request.request_id] = max(self._prefix_end(tokens, hit, blend), self._aligned(hit.prefix))
+        if self.save_decode and not blend:  # blended KV is approximate: nothing computed after it is a prefix
+            self._decode_from[request.request_id] = self._aligned(self._expected[request.request_id])
         if num_external_tokens or store:
             salt = compat.cache_salt(request)
             load_async = match.load_async and num_external_tokens > 0
@@ -199,7 +207,8 @@ class SchedulerSide:
             self._admitted.pop(request.request_id, None)
 
     def build_meta(self, scheduler_output: SchedulerOutput) -> KVTierConnectorMetadata:
-        meta = KVTierConnectorMetadata(idle=not scheduler_output.num_scheduled_tokens)
+        meta = KVTierConnectorMetadata(idle=not scheduler_output.num_scheduled_tokens, stores=self._decode_stores)
+        self._decode_stores = []
         for req_id in self._due_loads:  # their requests wait in vLLM, unscheduled, until the load is done
             admitted = self._admitted.get(req_id)
             if admitted is not None and admitted.external:
@@ -224,13 +233,17 @@ class SchedulerSide:
                 del self._admitted[req_id]
         return meta
 
-    def finished(self, request: Request) -> tuple[bool, dict[str, Any] | None]:
+    def finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Forget the request (finished, aborted, or never scheduled): nothing is kept for it after this. Returns
-        vLLM's ``request_finished`` answer: the blocks may be freed (a store copies them in its step), and the
+        vLLM's ``request_finished`` answer: whether its blocks (``block_ids``) must stay allocated (only while a
+        decode store copies them out, in the next step; a prompt's store copies them in its own step), and the
         ``kv_transfer_params`` for a disaggregation proxy when a prefiller's request asked for remote decode: how
         many tokens of it the cache will hold, for the decoder to wait for."""
         req_id = request.request_id
-        for state in (self._matches, self._admitted, self._handoffs, self._retry_at):
+        decode = self._decode_store(request, block_ids)
+        if decode is not None:
+            self._decode_stores.append(decode)
+        for state in (self._matches, self._admitted, self._handoffs, self._retry_at, self._decode_from):
             state.pop(req_id, None)  # type: ignore[attr-defined]
         pending = self._pending.pop(req_id, None)
         if pending is not None:
@@ -239,7 +252,25 @@ class SchedulerSide:
         params = None
         if expected is not None and compat.transfer_params(request).get("do_remote_decode"):
             params = {HANDOFF_KEY: {"cached_tokens": expected}}
-        return False, params
+        return decode is not None, params
+
+    def _decode_store(self, request: Request, block_ids: list[int]) -> StoreOp | None:
+        """With ``save_decode_cache``: the store of a finished request's whole chunks past those its prompt stored
+        (the output's KV, and the prompt's last partial chunk now completed by it), if any."""
+        start = self._decode_from.get(request.request_id)
+        tokens = compat.generated_kv_tokens(request) if start is not None else None
+        if start is None or tokens is None or self._storable(len(tokens)) <= start:
+            return None
+        return StoreOp(
+            req_id=request.request_id,
+            tokens=tokens,
+            block_ids=list(block_ids),
+            skip=start,
+            cache_salt=compat.cache_salt(request),
+            prefix_end=self._storable(len(tokens)),
+            background=self.async_store,
+            holds_blocks=True,
+        )
 
     def close(self) -> None:
         self._lookups.shutdown(wait=False, cancel_futures=True)

@@ -58,6 +58,7 @@ class WorkerSide:
         self.stats = TransferStats()
         self._stats_lock = threading.Lock()  # off-step transfers count too
         self._failed_blocks: set[int] = set()
+        self._copied: set[str] = set()  # finished requests whose decode stores copied their blocks out
 
     def register(self, kv_caches: dict[str, torch.Tensor], paged_layout: PagedLayout) -> None:
         paged = PagedKV.from_layers(list(kv_caches.values()), paged_layout)
@@ -97,17 +98,27 @@ class WorkerSide:
             started = time.perf_counter()
             buffer = self._off_step().store_buffer() if op.background else None
             host = transfer.host_tensor(len(op.tokens), buffer)
-            self._gather(op, transfer, host)  # out of vLLM's blocks in the step: they may be reused after it
+            try:
+                self._gather(op, transfer, host)  # out of vLLM's blocks in the step: they may be reused after it
+            finally:  # a finished request's blocks go back to vLLM whatever happened to its store
+                if op.holds_blocks:
+                    self._copied.add(op.req_id)
             if buffer is None:  # written in the step (also when every off-step buffer is taken)
-                self._store(op, host, started, off_step=False)
+                self._store(op, host, started)
             else:
-                self._off_step().write(buffer, partial(self._store, op, host, started, off_step=True))
+                in_step = time.perf_counter() - started
+                self._off_step().write(buffer, partial(self._store, op, host, started, in_step))
         if meta.idle:
             self._off_step().idle()
 
     def finished_loads(self) -> set[str]:
         """vLLM's ``get_finished``: requests whose off-step loads are done (they may run now)."""
         return self._background.finished() if self._background is not None else set()
+
+    def finished_stores(self) -> set[str]:
+        """vLLM's ``get_finished``: finished requests whose decode stores copied their KV out of their blocks."""
+        copied, self._copied = self._copied, set()
+        return copied
 
     def take_failed_blocks(self) -> set[int]:
         off_step = self._background.take_failed_blocks() if self._background is not None else set()
@@ -198,8 +209,9 @@ class WorkerSide:
                 slot_mapping(op.block_ids, self.block_size, piece.start, piece.end), host, piece.start
             )
 
-    def _store(self, op: StoreOp, host: torch.Tensor, started: float, off_step: bool) -> None:
-        """Write the KV :meth:`_gather` put in ``host`` to the cache."""
+    def _store(self, op: StoreOp, host: torch.Tensor, started: float, in_step: float | None = None) -> None:
+        """Write the KV :meth:`_gather` put in ``host`` to the cache; ``in_step``: the seconds the step spent on
+        it (the copy out of the blocks), when the write runs off the step."""
         stored = 0
         if op.prefix_end > op.skip:
             prefix = op.tokens[: op.prefix_end]
@@ -213,13 +225,14 @@ class WorkerSide:
             self.stats.stored_tokens += stored
             self.stats.store_seconds += seconds
         log.info(
-            "kvtier: request %s: Stored %d tokens (%d already cached) of a %d-token prompt in %.1f ms%s",
+            "kvtier: request %s: Stored %d tokens (%d already cached) of a %d-token %s in %.1f ms%s",
             op.req_id,
             stored,
             op.skip,
             len(op.tokens),
+            "prompt and output" if op.holds_blocks else "prompt",
             seconds * 1000,
-            " (off the step)" if off_step else "",
+            "" if in_step is None else f" (off the step; {in_step * 1000:.1f} ms in it)",
         )
 
     def _store_segments(self, op: StoreOp, host: torch.Tensor) -> int:
