@@ -476,7 +476,7 @@ def kvtier_counters(before: Samples, after: Samples) -> dict[str, int]:
 
 # The connector's per-request log lines (docs/vllm.md, "What happens to a request").
 LOADED = re.compile(r"Retrieved (\d+) of \d+ prompt tokens \(.*?\) in ([\d.]+) ms \(([\d.]+) ms from kvtier")
-STORED = re.compile(r"Stored (\d+) tokens .*? in ([\d.]+) ms(?: \(off the step; ([\d.]+) ms in it\))?")
+STORED = re.compile(r"request \S+: Stored (\d+) tokens .*? in ([\d.]+) ms(?: \(off the step; ([\d.]+) ms in it\))?")
 
 
 def connector_timings(log: str) -> dict[str, Any]:

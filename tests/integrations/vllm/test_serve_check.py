@@ -1,6 +1,6 @@
 """The check users are told to run (``examples/vllm_serve_check.sh``): a real ``vllm serve`` with the connector
 answers two ``/v1/completions`` requests sharing a prefix; the first stores, the second retrieves, and both
-texts equal ``vllm serve`` without the connector (temperature 0)."""
+texts equal the same requests computed from scratch (under cache salts of their own; temperature 0)."""
 
 from __future__ import annotations
 
