@@ -24,7 +24,6 @@ hand-off costs next to a prefill, not what disaggregation buys under load (no de
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import sys
@@ -38,7 +37,8 @@ import httpx
 from common import emit, free_port, prompt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from servers import HttpProcess, ServerProcess, VllmServe  # the test suite's process helpers
+# the test suite's process helpers
+from servers import HttpProcess, ServerProcess, vllm_serve, vllm_serve_with_server
 
 CHUNK = 256
 MODEL = "smollm2"
@@ -66,17 +66,6 @@ def logged_ms(log: str, request_id: str, what: str) -> float | None:
     """The milliseconds the connector's ``what`` line (Retrieved / Stored) for the request logs."""
     found = re.search(rf"request \S*{request_id}\S*: {what} .*? in ([\d.]+) ms", log)
     return float(found.group(1)) if found else None
-
-
-def plain_vllm(log: Path) -> HttpProcess:
-    """``vllm serve`` without a connector, started like :class:`VllmServe`'s."""
-    from kvtier.integrations.models import model_path
-
-    port = free_port()
-    command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_path()), "--port", str(port),
-               "--enforce-eager", "--dtype", "float32", "--no-enable-prefix-caching", *VLLM_ARGS]  # fmt: skip
-    env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
-    return HttpProcess(command, log, f"http://127.0.0.1:{port}", {**os.environ, **env})
 
 
 def measure(urls: dict[str, str], logs: dict[str, Path], tokens: list[int]) -> dict[str, Any]:
@@ -111,11 +100,11 @@ def main() -> None:
                                "--max-local-disk-size", "0.5")  # fmt: skip
         started: dict[str, HttpProcess] = {}
         try:
-            started["single"] = plain_vllm(root / "single.log")
+            started["single"] = vllm_serve(root / "single.log", "--no-enable-prefix-caching", *VLLM_ARGS)
             off_step = {"async_store": True}
-            started["prefiller"] = VllmServe(root / "prefiller.log", server.port, role="kv_producer",
+            started["prefiller"] = vllm_serve_with_server(root / "prefiller.log", server.port, role="kv_producer",
                                              chunk_size=CHUNK, extra_config=off_step, args=VLLM_ARGS)  # fmt: skip
-            started["decoder"] = VllmServe(root / "decoder.log", server.port, role="kv_consumer",
+            started["decoder"] = vllm_serve_with_server(root / "decoder.log", server.port, role="kv_consumer",
                                            chunk_size=CHUNK, args=VLLM_ARGS)  # fmt: skip
             for process in started.values():
                 process.wait_healthy()

@@ -85,7 +85,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import random
 import re
 import statistics
@@ -102,13 +101,13 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from common import drop_file_cache, emit, free_port, prompt
+from common import drop_file_cache, emit, prompt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "storage"))
 from redis_servers import RedisServer  # the test suite's process helpers
 
-from servers import HttpProcess, ServerProcess
+from servers import HttpProcess, ServerProcess, vllm_serve
 
 MODEL = "smollm2"
 BLOCK = 128  # vLLM's KV block size on the CPU backend (platforms/cpu.py)
@@ -258,25 +257,14 @@ class Processes:
 def vllm_process(log: Path, blocks: int, size: Sizes, args: argparse.Namespace, connector: dict | None) -> HttpProcess:
     """``vllm serve`` of the local model with ``blocks`` KV blocks and, unless ``connector`` is None, kvtier's
     connector with that extra config: the same flags and environment in every configuration."""
-    from kvtier.integrations.models import model_path
-
-    port = free_port()
-    command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_path()), "--port", str(port),
-               "--served-model-name", MODEL, "--enforce-eager", "--dtype", "float32", "--enable-prefix-caching",
-               "--max-model-len", str(size.max_model_len), "--num-gpu-blocks-override", str(blocks),
-               "--max-num-seqs", str(max(4, args.in_flight))]  # fmt: skip
-    if connector is not None:
-        kv_config = {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.integrations.vllm",
-                     "kv_role": "kv_both", "kv_connector_extra_config": connector}  # fmt: skip
-        command += ["--kv-transfer-config", json.dumps(kv_config)]
     env = {
-        "HF_HUB_OFFLINE": "1",
         # vLLM profiles this much, but --num-gpu-blocks-override decides what it allocates
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(size.gib(size.limit_blocks * BLOCK)))),
-        "VLLM_CPU_NUM_OF_RESERVED_CPU": "1",
         "VLLM_SERVER_DEV_MODE": "1",  # for /reset_prefix_cache between runs
     }
-    return HttpProcess(command, log, f"http://127.0.0.1:{port}", {**os.environ, **env})
+    return vllm_serve(log, "--served-model-name", MODEL, "--enable-prefix-caching", "--max-model-len",
+                      str(size.max_model_len), "--num-gpu-blocks-override", str(blocks), "--max-num-seqs",
+                      str(max(4, args.in_flight)), connector=connector, env=env)  # fmt: skip
 
 
 def server_process(root: Path, chunk_size: int, *tiers: str) -> ServerProcess:

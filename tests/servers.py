@@ -237,33 +237,40 @@ class HttpProcess:
                 self.proc.wait()
 
 
-class VllmServe(HttpProcess):
-    """``vllm serve`` of the local model (SmolLM2, fp32, eager) with kvtier's connector in ``role`` on the kvtier
-    server at ``server_port``, as examples/vllm_serve_check.sh starts it: one reserved core leaves vLLM one to
-    compute on (of 2 here), whatever the connector."""
+def vllm_serve(
+    log: Path,
+    *args: str,
+    connector: dict[str, Any] | None = None,
+    role: str = "kv_both",
+    env: dict[str, str] | None = None,
+) -> HttpProcess:
+    """``vllm serve`` of the local model (SmolLM2, fp32, eager) on a free port, with kvtier's connector in ``role``
+    (``connector``: its extra config) unless ``connector`` is None, and ``args``. One reserved core leaves vLLM one
+    to compute on (of 2 here), whatever the connector (vLLM's CPU backend reserves a core of its own for a
+    connector otherwise); ``env`` adds to the environment."""
+    from kvtier.integrations.models import model_path
 
-    def __init__(
-        self,
-        log: Path,
-        server_port: int,
-        *,
-        role: str = "kv_both",
-        chunk_size: int = 256,
-        extra_config: dict[str, Any] | None = None,
-        args: tuple[str, ...] = (),
-    ) -> None:
-        from kvtier.integrations.models import model_path
+    port = free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_path()), "--port", str(port),
+               "--enforce-eager", "--dtype", "float32", *args]  # fmt: skip
+    if connector is not None:
+        kv_config = {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.integrations.vllm",
+                     "kv_role": role, "kv_connector_extra_config": connector}  # fmt: skip
+        command += ["--kv-transfer-config", json.dumps(kv_config)]
+    defaults = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
+    return HttpProcess(command, log, f"http://127.0.0.1:{port}", {**os.environ, **defaults, **(env or {})})
 
-        port = free_port()
-        connector = {"server_url": f"tcp://127.0.0.1:{server_port}", "chunk_size": chunk_size, **(extra_config or {})}
-        kv_config = {
-            "kv_connector": "KVTierConnector",
-            "kv_connector_module_path": "kvtier.integrations.vllm",
-            "kv_role": role,
-            "kv_connector_extra_config": connector,
-        }
-        command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_path()),
-                   "--port", str(port), "--enforce-eager", "--dtype", "float32", "--no-enable-prefix-caching",
-                   "--kv-transfer-config", json.dumps(kv_config), *args]  # fmt: skip
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}
-        super().__init__(command, log, f"http://127.0.0.1:{port}", env)
+
+def vllm_serve_with_server(
+    log: Path,
+    server_port: int,
+    *,
+    role: str = "kv_both",
+    chunk_size: int = 256,
+    extra_config: dict[str, Any] | None = None,
+    args: tuple[str, ...] = (),
+) -> HttpProcess:
+    """:func:`vllm_serve` with the connector on the kvtier server at ``server_port``, without vLLM's own prefix
+    cache (every hit is kvtier's), as examples/vllm_serve_check.sh starts it."""
+    connector = {"server_url": f"tcp://127.0.0.1:{server_port}", "chunk_size": chunk_size, **(extra_config or {})}
+    return vllm_serve(log, "--no-enable-prefix-caching", *args, connector=connector, role=role)

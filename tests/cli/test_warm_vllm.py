@@ -18,7 +18,7 @@ from kvtier.cli.warm import Progress
 from kvtier.cli.warm_vllm import _admin_url
 from kvtier.config import load_config
 from kvtier.integrations.models import is_prepared, model_path
-from servers import ServerProcess, ThreadServer, VllmServe, free_port, http_json
+from servers import ServerProcess, ThreadServer, free_port, http_json, vllm_serve_with_server
 
 CHUNK = 128  # vLLM's CPU block size
 SMOLLM2_LAYOUT = {"num_layers": 30, "num_kv_heads": 3, "head_dim": 64, "dtype": "float32"}
@@ -103,7 +103,9 @@ def test_progress_is_redrawn_on_a_terminal() -> None:
 @contextmanager
 def vllm_serve(tmp_path: Path, server_port: int) -> Iterator[str]:
     """``vllm serve`` of the local model with kvtier's connector storing into the server; its URL."""
-    served = VllmServe(tmp_path / "vllm.log", server_port, chunk_size=CHUNK, args=("--max-model-len", "1024"))
+    served = vllm_serve_with_server(
+        tmp_path / "vllm.log", server_port, chunk_size=CHUNK, args=("--max-model-len", "1024")
+    )
     try:
         yield served.wait_healthy(400).url
     finally:

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvtier.integrations.models import is_prepared
 from kvtier.integrations.vllm.proxy import CHAT, COMPLETIONS, Proxy, server_config
-from servers import HttpProcess, ServerProcess, VllmServe, free_port
+from servers import HttpProcess, ServerProcess, free_port, vllm_serve_with_server
 
 PARAMS = {"kvtier": {"opaque": [1, 2, 3]}, "other": "kept as it is"}  # what the fake prefiller hands back
 MARKED = {"max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True}}  # a prefill's changes
@@ -408,16 +408,16 @@ def test_disaggregated_serving_end_to_end(tmp_path: Path) -> None:
     vllm_args = ("--served-model-name", MODEL_NAME, "--max-model-len", "2048", "--max-num-seqs", "4")
     proxy_port = free_port()
     urls = {"proxy": f"http://127.0.0.1:{proxy_port}"}
-    vllms: dict[str, VllmServe] = {}
+    vllms: dict[str, HttpProcess] = {}
     proxy: HttpProcess | None = None
     try:
         started = time.monotonic()
         # The prefiller stores off its step: its answer can reach the proxy before its KV reaches the server, and
         # the decoder waits for the tokens the prefiller's kv_transfer_params name.
         off_step = {"async_store": True}
-        vllms["prefiller"] = VllmServe(tmp_path / "prefiller.log", server.port, role="kv_producer",
+        vllms["prefiller"] = vllm_serve_with_server(tmp_path / "prefiller.log", server.port, role="kv_producer",
                                        chunk_size=CHUNK_SIZE, extra_config=off_step, args=vllm_args)  # fmt: skip
-        vllms["decoder"] = VllmServe(tmp_path / "decoder.log", server.port, role="kv_consumer",
+        vllms["decoder"] = vllm_serve_with_server(tmp_path / "decoder.log", server.port, role="kv_consumer",
                                      chunk_size=CHUNK_SIZE, args=vllm_args)  # fmt: skip
         for name, served in vllms.items():  # started together: one start's wait covers the other's
             urls[name] = served.wait_healthy().url
@@ -444,12 +444,12 @@ def test_disaggregated_serving_end_to_end(tmp_path: Path) -> None:
             proxied.append(reply.json()["choices"][0]["text"])
             print(f"{len(prompt)} tokens: prefill {float(reply.headers['x-kvtier-prefill-seconds']):.2f} s")
         hits = server.status()["metrics"]["kvtier_retrieve_hit_tokens_total"] - hits_before
-        assert hits >= sum(n // CHUNK_SIZE * CHUNK_SIZE for n in PROMPT_TOKENS)  # only the decoder retrieves
+        whole_chunks = sum(n // CHUNK_SIZE * CHUNK_SIZE for n in PROMPT_TOKENS)
+        assert hits >= whole_chunks  # only the decoder retrieves
         # The decoder loads every whole chunk and computes only each prompt's last partial chunk.
         decoder = prompt_tokens_by_source(urls["decoder"])
         computed = decoder["local_compute"] - decoder_before["local_compute"]
         loaded = decoder["external_kv_transfer"] - decoder_before["external_kv_transfer"]
-        whole_chunks = sum(n // CHUNK_SIZE * CHUNK_SIZE for n in PROMPT_TOKENS)
         assert (computed, loaded) == (sum(n % CHUNK_SIZE for n in PROMPT_TOKENS), whole_chunks), decoder
 
         # The same model, greedy: the prefiller asked directly gives the same text.

@@ -259,7 +259,8 @@ class SchedulerSide:
         (the output's KV, and the prompt's last partial chunk now completed by it), if any."""
         start = self._decode_from.get(request.request_id)
         tokens = compat.generated_kv_tokens(request) if start is not None else None
-        if start is None or tokens is None or self._storable(len(tokens)) <= start:
+        end = self._storable(len(tokens)) if tokens is not None else 0
+        if start is None or end <= start:
             return None
         return StoreOp(
             req_id=request.request_id,
@@ -267,7 +268,7 @@ class SchedulerSide:
             block_ids=list(block_ids),
             skip=start,
             cache_salt=compat.cache_salt(request),
-            prefix_end=self._storable(len(tokens)),
+            prefix_end=end,
             background=self.async_store,
             holds_blocks=True,
         )
